@@ -1,0 +1,1 @@
+"""searcher_jax: R1-Searcher in JAX/Flax NNX."""

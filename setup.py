@@ -1,0 +1,40 @@
+"""searcher_jax: R1-Searcher (RL to search while reasoning) in JAX/Flax."""
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.6.0",
+    "flax>=0.11.0",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "transformers>=4.51.0",
+    "tokenizers>=0.21.0",
+    "safetensors>=0.4.5",
+    "tensorflow-datasets>=4.9.7",
+    "grain>=0.2.10",
+    "scann>=1.4.0",
+    "bm25s>=0.2.10",
+    "ml-collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "numpy>=1.26",
+    "tqdm>=4.66",
+    "etils[epath]>=1.7.0",
+]
+
+EXTRAS = {
+    # The HF reference runs on PyTorch; 2.13.0 is a CPU build (a CUDA build is gigabytes).
+    "test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0"],
+    # Peers for launch/benchmark.py.
+    "bench": ["faiss-cpu>=1.8.0", "google-tunix>=0.1.7", "torch==2.13.0"],
+    # TPU pods, and compiling TPU programs (memory plans) on a machine with no TPU.
+    "tpu": ["jax[tpu]>=0.6.0"],
+}
+
+setuptools.setup(
+    name="searcher_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["searcher_jax", "searcher_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
