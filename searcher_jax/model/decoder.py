@@ -1,0 +1,269 @@
+"""One decoder for the Qwen2/Qwen2.5, Qwen3 and Llama 3 families, in Flax NNX.
+
+Parameters are fp32 and carry logical axis names (`logical_axes` metadata) that
+`sharding.py` maps to mesh axes. Compute runs in `config.dtype`. Layers are
+either one module per layer or one stacked module run under `lax.scan`
+(`config.scan_layers`); both import and export the same HF checkpoint.
+
+A KV cache (from `init_cache`) turns the same forward into incremental
+decoding: row b's new tokens land at cache slots `write_index[b] + t`, which
+are also their positions, so prompt prefill and appending retrieved documents
+are one operation.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from searcher_jax.model.config import ModelConfig
+
+Cache = Any  # Per layer {"k", "v"}: [B, S, K, D]; stacked as [L, B, S, K, D] under scan.
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, stack: int | None, init: str = "normal"):
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    if init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def rms_norm(x, scale, eps: float):
+    """HF's RMSNorm: normalise in fp32, scale after casting back."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig):
+    """[D/2] inverse frequencies, with Llama 3.1's scaling when configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotates x [B, T, H, D] by positions [B, T] (HF's rotate-half layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N,D]."""
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+class Attention(nnx.Module):
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        e, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.config = config
+        self.q_proj = _param(rngs, (e, n, d), ("embed", "heads", "head_dim"), stack)
+        self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), stack)
+        self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), stack)
+        self.o_proj = _param(rngs, (n, d, e), ("heads", "head_dim", "embed"), stack)
+        if config.attention_bias:
+            self.q_bias = _param(rngs, (n, d), ("heads", "head_dim"), stack, "zeros")
+            self.k_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), stack, "zeros")
+            self.v_bias = _param(rngs, (k, d), ("kv_heads", "head_dim"), stack, "zeros")
+        if config.qk_norm:
+            self.q_norm = _param(rngs, (d,), ("norm",), stack, "ones")
+            self.k_norm = _param(rngs, (d,), ("norm",), stack, "ones")
+
+    def __call__(self, x, positions, inv_freq, mask, cache, write_index):
+        """x [B,T,E], positions [B,T], mask [B,T,S]; cache {"k","v"} [B,S,K,D] or None."""
+        cfg, dtype = self.config, x.dtype
+        q = jnp.einsum("bte,end->btnd", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dtype))
+        if cfg.attention_bias:
+            q = q + self.q_bias[...].astype(dtype)
+            k = k + self.k_bias[...].astype(dtype)
+            v = v + self.v_bias[...].astype(dtype)
+        if cfg.qk_norm:
+            q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = {"k": _write(cache["k"], k, write_index),
+                     "v": _write(cache["v"], v, write_index)}
+            attend_len = mask.shape[-1]
+            k, v = cache["k"][:, :attend_len], cache["v"][:, :attend_len]
+        out = attend(q, k, v, mask)
+        return jnp.einsum("btnd,nde->bte", out, self.o_proj[...].astype(dtype)), cache
+
+
+def _write(buffer, new, write_index):
+    """Writes new [B,T,...] into buffer [B,S,...] at slots write_index[b] + t (past S: dropped)."""
+    b, t = new.shape[:2]
+    slots = write_index[:, None] + jnp.arange(t)[None, :]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+class MLP(nnx.Module):
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        e, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = _param(rngs, (e, f), ("embed", "mlp"), stack)
+        self.up_proj = _param(rngs, (e, f), ("embed", "mlp"), stack)
+        self.down_proj = _param(rngs, (f, e), ("mlp", "embed"), stack)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        gate = x @ self.gate_proj[...].astype(dtype)
+        up = x @ self.up_proj[...].astype(dtype)
+        return (jax.nn.silu(gate) * up) @ self.down_proj[...].astype(dtype)
+
+
+class Block(nnx.Module):
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, stack: int | None = None):
+        self.config = config
+        e = config.hidden_size
+        self.input_norm = _param(rngs, (e,), ("norm",), stack, "ones")
+        self.attn = Attention(config, rngs, stack)
+        self.post_attention_norm = _param(rngs, (e,), ("norm",), stack, "ones")
+        self.mlp = MLP(config, rngs, stack)
+
+    def __call__(self, x, positions, inv_freq, mask, cache, write_index):
+        eps = self.config.rms_norm_eps
+        h, cache = self.attn(rms_norm(x, self.input_norm[...], eps), positions, inv_freq, mask,
+                             cache, write_index)
+        x = x + h
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], eps))
+        return x, cache
+
+
+def _run_block(graphdef, state, x, positions, inv_freq, mask, cache, write_index):
+    return nnx.merge(graphdef, state)(x, positions, inv_freq, mask, cache, write_index)
+
+
+class Decoder(nnx.Module):
+    """A causal LM: token ids in, final hidden states or fp32 logits out."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), None)
+        if config.scan_layers:
+            self.layers = Block(config, rngs, stack=config.num_layers)
+        else:
+            self.layers = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = _param(rngs, (config.hidden_size,), ("norm",), None, "ones")
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
+                                  ("embed", "vocab"), None)
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.config.dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens."""
+        cfg = self.config
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or self.compute_dtype
+        if cfg.scan_layers:
+            shape = (cfg.num_layers, *shape)
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                     for _ in range(cfg.num_layers))
+
+    def forward_hidden(self, tokens, positions=None, lengths=None, cache: Cache | None = None,
+                       write_index=None, attend_len: int | None = None):
+        """tokens [B, T] -> (hidden [B, T, E] after the final norm, updated cache).
+
+        Without a cache, row b's tokens sit at positions 0..T-1 and keys past
+        `lengths[b]` are masked. With a cache, they sit at `write_index[b] + t`
+        and attend every cached key at or before their own position, reading
+        only the first `attend_len` slots of the cache.
+        """
+        cfg = self.config
+        b, t = tokens.shape
+        if cache is None:
+            write_index = jnp.zeros((b,), jnp.int32)
+        elif write_index is None:
+            raise ValueError("forward_hidden with a cache needs write_index [B]")
+        if positions is None:
+            positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        if cache is None:
+            key_slots = jnp.arange(t)
+            mask = key_slots[None, None, :] <= jnp.arange(t)[None, :, None]  # [1, T, T]
+            if lengths is not None:
+                mask = mask & (key_slots[None, None, :] < lengths[:, None, None])
+            mask = jnp.broadcast_to(mask, (b, t, t))
+        else:
+            max_len = jax.tree.leaves(cache)[0].shape[-3]
+            attend_len = max_len if attend_len is None else min(attend_len, max_len)
+            key_slots = jnp.arange(attend_len)
+            mask = key_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        inv_freq = rope_inv_freq(cfg)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+
+        run = jax.checkpoint(_run_block, static_argnums=(0,)) if cfg.remat else _run_block
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(x, layer):
+                layer_state, layer_cache = layer
+                x, layer_cache = run(graphdef, layer_state, x, positions, inv_freq, mask,
+                                     layer_cache, write_index)
+                return x, layer_cache
+
+            x, cache = jax.lax.scan(body, x, (stacked, cache))
+        else:
+            new_cache = []
+            for i, block in enumerate(self.layers):
+                graphdef, state = nnx.split(block)
+                x, layer_cache = run(graphdef, state, x, positions, inv_freq, mask,
+                                     None if cache is None else cache[i], write_index)
+                new_cache.append(layer_cache)
+            cache = None if cache is None else tuple(new_cache)
+        return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache
+
+    def logits(self, hidden):
+        """hidden [..., E] -> fp32 logits [..., V]."""
+        if self.config.tie_word_embeddings:
+            head = self.embed[...].astype(hidden.dtype).T
+        else:
+            head = self.lm_head[...].astype(hidden.dtype)
+        return jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, lengths=None):
+        """tokens [B, T] -> logits [B, T, V] (fp32)."""
+        hidden, _ = self.forward_hidden(tokens, lengths=lengths)
+        return self.logits(hidden)
