@@ -125,10 +125,12 @@ class SafetensorsFile:
         if entry["dtype"] not in _DTYPES:
             raise ValueError(f"tensor {name} in {self.path} has unsupported dtype {entry['dtype']}")
         start, end = entry["data_offsets"]
+        array = np.empty(entry["shape"], _DTYPES[entry["dtype"]])
         with self.path.open("rb") as f:
             f.seek(self.data_start + start)
-            raw = f.read(end - start)
-        return np.frombuffer(raw, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+            if array.size and f.readinto(array.reshape(-1).view(np.uint8)) != end - start:
+                raise ValueError(f"{self.path} is truncated inside tensor {name}")
+        return array
 
 
 def _open_checkpoint(directory: epath.Path) -> dict[str, SafetensorsFile]:
@@ -192,7 +194,7 @@ def load_pretrained(directory, *, mesh: jax.sharding.Mesh | None = None,
             hf_shape = tuple(tensors[name].entries[name]["shape"])
             raise ValueError(f"shape mismatch for tensor {name}: checkpoint has {hf_shape} "
                              f"(as ours {tuple(array.shape)}), model expects {tuple(want)}")
-        array = array.astype(np.float32)
+        array = np.ascontiguousarray(array, dtype=np.float32)
         if layer is None:
             values[path] = _place(array, target_sharding)
         else:
@@ -204,7 +206,7 @@ def load_pretrained(directory, *, mesh: jax.sharding.Mesh | None = None,
 
     flat = nnx.to_flat_state(abstract_state)
     for path, variable in flat:
-        variable.value = values[path]
+        variable.set_value(values[path])
     state = nnx.from_flat_state(flat)
     logging.info("loaded %s (%d tensors) from %s", config.model_type, len(expected), directory)
     return nnx.merge(graphdef, state)

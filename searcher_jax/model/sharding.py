@@ -106,7 +106,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Modul
     """The same model with every parameter placed by the rules."""
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
-    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    state = jax.device_put(state, shardings)  # shardings is a prefix of the state tree.
     return nnx.merge(graphdef, state)
 
 

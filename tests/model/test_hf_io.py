@@ -1,0 +1,160 @@
+"""Export to HF and back, streaming import memory, and the error messages."""
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from searcher_jax.model import hf_io
+from searcher_jax.model.config import ModelConfig
+from tests.model.conftest import max_valid_diff, torch_logits
+
+
+@pytest.mark.parametrize("kind,scan_layers", [("qwen2", True), ("llama", False), ("qwen3", True)])
+def test_export_loads_in_transformers_with_same_logits(hf_checkpoints, padded_batch, tmp_path,
+                                                       kind, scan_layers):
+    import transformers
+    directory, _ = hf_checkpoints[kind]
+    tokens, lengths = padded_batch
+    model = hf_io.load_pretrained(directory, scan_layers=scan_layers)
+    ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(lengths)))
+    hf_io.save_pretrained(model, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert max_valid_diff(torch_logits(reloaded, tokens, lengths), ours, lengths) < 1e-4
+
+
+def test_export_in_shards_with_index_round_trips(hf_checkpoints, padded_batch, tmp_path):
+    directory, _ = hf_checkpoints["llama"]
+    tokens, _ = padded_batch
+    model = hf_io.load_pretrained(directory)
+    hf_io.save_pretrained(model, tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    again = hf_io.load_pretrained(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.layers[1].mlp.up_proj[...]),
+                                  np.asarray(model.layers[1].mlp.up_proj[...]))
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(tokens))),
+                                  np.asarray(model(jnp.asarray(tokens))))
+
+
+def _copy_checkpoint(src, dst) -> pathlib.Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
+    directory = _copy_checkpoint(hf_checkpoints["qwen2"][0], tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        hf_io.load_pretrained(directory)
+
+
+def test_unexpected_tensor_is_named(hf_checkpoints, tmp_path):
+    directory = _copy_checkpoint(hf_checkpoints["llama"][0], tmp_path / "ckpt")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_extra"] = np.zeros(3, np.float32)
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(ValueError, match=r"unexpected tensor.*model\.layers\.0\.self_attn\.rotary_extra"):
+        hf_io.load_pretrained(directory)
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(hf_checkpoints, tmp_path):
+    directory = _copy_checkpoint(hf_checkpoints["qwen2"][0], tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"shape mismatch for tensor model\.layers\.0\.mlp\.gate_proj"
+                       r"\.weight: checkpoint has \(96, 64\).*expects \(64, 80\)"):
+        hf_io.load_pretrained(directory)
+
+
+def test_unsupported_model_type_and_rope_type(hf_checkpoints, tmp_path):
+    directory = _copy_checkpoint(hf_checkpoints["llama"][0], tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(ValueError, match=r"unsupported model_type 'mistral'"):
+        hf_io.load_pretrained(directory)
+    rope = {**config["rope_parameters"], "rope_type": "yarn"}
+    (directory / "config.json").write_text(json.dumps({**config, "rope_parameters": rope}))
+    with pytest.raises(ValueError, match=r"unsupported rope_scaling type 'yarn'"):
+        hf_io.load_pretrained(directory)
+
+
+def test_missing_checkpoint_files_are_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hf_io.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig(
+        "qwen2", 16, 8, 8, 1, 2, 1, 4).to_hf()))
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors"):
+        hf_io.load_pretrained(tmp_path)
+
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import os, resource, sys, jax, jax.numpy as jnp
+    from searcher_jax.model import hf_io
+    jax.block_until_ready(jnp.ones(8) + 1)  # Backend up before the baseline.
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
+    base = rss()
+    model = hf_io.load_pretrained(sys.argv[1])
+    jax.block_until_ready(model.embed[...])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(base, peak)
+""")
+
+
+def test_streaming_import_peak_memory(tmp_path):
+    """Peak host memory stays under the model plus twice its largest tensor."""
+    config = ModelConfig("qwen2", vocab_size=16384, hidden_size=1024, intermediate_size=4096,
+                         num_layers=4, num_heads=8, num_kv_heads=2, head_dim=128,
+                         tie_word_embeddings=False, attention_bias=True)
+    rng = np.random.default_rng(0)
+    total = largest = 0
+    by_file = {}  # One safetensors file per layer, as large checkpoints are sharded.
+    for name, shape in _hf_shapes(config).items():
+        part = name.split(".")[2] if name.startswith("model.layers.") else "top"
+        by_file.setdefault(part, {})[name] = shape
+    weight_map = {}
+    for part, entries in by_file.items():
+        tensors = {n: rng.standard_normal(s, dtype=np.float32) * 0.02 for n, s in entries.items()}
+        for array in tensors.values():
+            total += array.nbytes
+            largest = max(largest, array.nbytes)
+        save_file(tensors, tmp_path / f"{part}.safetensors")
+        weight_map.update({n: f"{part}.safetensors" for n in entries})
+        del tensors
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    assert total > 200e6
+    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path)],
+                            capture_output=True, text=True, check=True)
+    base, peak = map(int, result.stdout.split()[-2:])
+    growth = peak - base
+    print(f"model {total / 1e6:.0f} MB, largest {largest / 1e6:.0f} MB, import grew {growth / 1e6:.0f} MB")
+    assert growth < total + 2 * largest
+
+
+def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,),
+              "lm_head.weight": (v, e)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (e,), p + "post_attention_layernorm.weight": (e,),
+            p + "self_attn.q_proj.weight": (q, e), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.weight": (kv, e), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, e), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (e, q), p + "mlp.gate_proj.weight": (f, e),
+            p + "mlp.up_proj.weight": (f, e), p + "mlp.down_proj.weight": (e, f)})
+    return shapes
