@@ -1,0 +1,46 @@
+"""The R1-Searcher prompts (SPEC section 1), verbatim.
+
+The authors wrote `</think>\\n\\n<answer>` inside Python string literals, so the
+prompts the released models saw hold two real newlines there.
+"""
+from __future__ import annotations
+
+_INSTRUCTIONS = (
+    "The output format of reasoning process and final answer are enclosed within <think> "
+    "</think> and <answer> </answer> tags, respectively, i.e., \"<think> reasoning process here "
+    "</think>\n\n<answer> final answer here </answer>\".\n"
+    "During the thinking process, {can_search} if "
+    "necessary with the format of \"<|begin_of_query|> search query (only list keywords, such as "
+    "**\"keyword_1 keyword_2 ...\"**)<|end_of_query|>\". **A query must involve only a single "
+    "triple**.\n"
+    "Then, the search system will provide {whom} with the retrieval information with the format "
+    "of \"<|begin_of_documents|> ...search results... <|end_of_documents|>\".")
+
+BASE_PROMPT = (
+    "The User asks a question, and the Assistant solves it.\n"
+    "The Assistant first thinks about the reasoning process in the mind and then provides the "
+    "User with the final answer.\n"
+    + _INSTRUCTIONS.format(
+        can_search="**the Assistant can perform searching** for uncertain knowledge",
+        whom="the Assistant")
+    + "\n\nUser:{question}\nAssistant: <think>")
+
+INSTRUCT_SYSTEM = (
+    "You are a helpful assistant.\n"
+    "Given a question, you should answer it by first thinking about the reasoning process in the "
+    "mind and then providing the final answer.\n"
+    + _INSTRUCTIONS.format(
+        can_search="**you can perform searching for uncertain knowledge**", whom="you"))
+
+
+def base_prompt(question: str) -> str:
+    """The base-model prompt, ending in `Assistant: <think>`."""
+    return BASE_PROMPT.format(question=question)
+
+
+def instruct_prompt(question: str, tokenizer) -> str:
+    """The chat-template prompt for instruct models, with `<think>` appended."""
+    messages = [{"role": "system", "content": INSTRUCT_SYSTEM},
+                {"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + "<think>"

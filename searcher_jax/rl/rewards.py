@@ -1,0 +1,114 @@
+"""Outcome rewards of R1-Searcher: format checks plus an answer score (SPEC section 3).
+
+Rewards are computed on the host from the decoded response (the text after the
+prompt, with the inserted document blocks). A config names the recipe:
+
+- `retrieval_format` (stage 1, paper): 0.5 for at least one well-formed
+  retrieval, plus 0.5 for a well-formed format.
+- `cem_retrieval_format` (stage 1, released Llama): +1/-1 by cover EM, plus
+  the two 0.5 terms above.
+- `answer` (stage 2): the answer metric (F1 by default) if the format is
+  well-formed, else `format_penalty` (-2 Qwen, -1 Llama).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Sequence
+
+from searcher_jax.rl import metrics
+
+BEGIN_QUERY, END_QUERY = "<|begin_of_query|>", "<|end_of_query|>"
+BEGIN_DOCS, END_DOCS = "<|begin_of_documents|>", "<|end_of_documents|>"
+_RETRIEVAL_MARKERS = (BEGIN_DOCS + "\n", END_DOCS + "\n\n", BEGIN_QUERY, END_QUERY, BEGIN_DOCS,
+                      END_DOCS, BEGIN_DOCS + "\n(1)")
+_DOC_BLOCK = re.compile(re.escape(BEGIN_DOCS) + r".*?(" + re.escape(END_DOCS) + r"|$)", re.S)
+_CJK = re.compile("[\u4e00-\u9fff]")
+ANSWER_METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "f1": metrics.f1_score, "em": metrics.exact_match, "cem": metrics.cover_exact_match}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    recipe: str = "answer"  # "answer" | "retrieval_format" | "cem_retrieval_format"
+    answer_metric: str = "f1"  # The paper's ablation: f1 beats em and cem.
+    format_penalty: float = -2.0
+    strict_format: bool = True  # The Qwen recipe's extra checks.
+    max_answer_words: int = 10
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown reward recipe {self.recipe!r}; one of {sorted(RECIPES)}")
+        if self.answer_metric not in ANSWER_METRICS:
+            raise ValueError(f"unknown answer metric {self.answer_metric!r}; one of "
+                             f"{sorted(ANSWER_METRICS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardResult:
+    reward: float
+    format_ok: bool
+    retrieval_ok: bool  # Query and document markers balanced (zero retrievals counts as balanced).
+    num_retrievals: int
+    answer: str | None
+    f1: float
+    em: float
+    cem: float
+
+
+def retrieval_counts_equal(response: str) -> tuple[bool, int]:
+    counts = [response.count(marker) for marker in _RETRIEVAL_MARKERS]
+    return len(set(counts)) == 1, counts[0]
+
+
+def answer_format_ok(response: str, config: RewardConfig) -> bool:
+    if "<think>" in response or any(response.count(tag) != 1
+                                    for tag in ("</think>", "<answer>", "</answer>")):
+        return False
+    if not config.strict_format:
+        return True
+    answer = metrics.extract_answer(response) or ""
+    if "assistant" in response.lower():
+        return False
+    if any(tag in answer for tag in (BEGIN_QUERY, END_QUERY, BEGIN_DOCS, END_DOCS)):
+        return False
+    if len(answer.split()) > config.max_answer_words:
+        return False
+    return not _CJK.search(_DOC_BLOCK.sub("", response))
+
+
+def score(response: str, golds: str | Sequence[str], config: RewardConfig) -> RewardResult:
+    """The reward of one response against its gold answers, with its parts."""
+    retrieval_ok, num_retrievals = retrieval_counts_equal(response)
+    format_ok = retrieval_ok and answer_format_ok(response, config)
+    answer = metrics.extract_answer(response)
+    prediction = answer if answer is not None else ""
+    parts = dict(f1=metrics.f1_score(prediction, golds), em=metrics.exact_match(prediction, golds),
+                 cem=metrics.cover_exact_match(prediction, golds))
+    reward = RECIPES[config.recipe](config, format_ok, retrieval_ok and num_retrievals >= 1,
+                                    answer is not None, parts)
+    return RewardResult(reward=reward, format_ok=format_ok, retrieval_ok=retrieval_ok,
+                        num_retrievals=num_retrievals, answer=answer, **parts)
+
+
+def _answer_reward(config, format_ok, _, has_answer, parts):
+    if not format_ok:
+        return config.format_penalty
+    return parts[config.answer_metric] if has_answer else 0.0
+
+
+def _retrieval_format_reward(_, format_ok, searched, __, ___):
+    return 0.5 * searched + 0.5 * format_ok
+
+
+def _cem_retrieval_format_reward(config, format_ok, searched, has_answer, parts):
+    correct = has_answer and parts["cem"] == 1.0
+    return (1.0 if correct else -1.0) + _retrieval_format_reward(config, format_ok, searched,
+                                                                 has_answer, parts)
+
+
+RECIPES = {
+    "answer": _answer_reward,
+    "retrieval_format": _retrieval_format_reward,
+    "cem_retrieval_format": _cem_retrieval_format_reward,
+}

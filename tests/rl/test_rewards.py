@@ -1,0 +1,72 @@
+"""Rewards and format checks, on hand-made responses and the released model's outputs."""
+import json
+
+import pytest
+
+from searcher_jax.rl import rewards
+
+DOCS = "\n\n<|begin_of_documents|>\n(1)Title: A Text: b\n<|end_of_documents|>\n\n"
+GOOD = (" I search. <|begin_of_query|> a b <|end_of_query|>" + DOCS +
+        "So it is Paris. </think>\n\n<answer> Paris </answer>")
+STAGE2 = rewards.RewardConfig()
+
+
+def test_well_formed_response_gets_its_f1():
+    result = rewards.score(GOOD, ["Paris"], STAGE2)
+    assert result.format_ok and result.num_retrievals == 1 and result.reward == 1.0
+    assert rewards.score(GOOD, ["Paris France"], STAGE2).reward == pytest.approx(2 / 3)
+
+
+LLAMA_STAGE2 = rewards.RewardConfig(format_penalty=-1.0, strict_format=False)
+
+
+@pytest.mark.parametrize("broken", [
+    GOOD.replace("</think>", ""),                           # no </think>
+    GOOD + " <answer> x </answer>",                         # two answers
+    "<think>" + GOOD,                                       # <think> in the response
+    GOOD.replace("<|end_of_documents|>\n\n", "<|end_of_documents|>"),  # unbalanced block
+])
+def test_format_failures_get_the_penalty(broken):
+    assert rewards.score(broken, ["Paris"], STAGE2).reward == -2.0
+    assert rewards.score(broken, ["Paris"], LLAMA_STAGE2).reward == -1.0
+
+
+@pytest.mark.parametrize("broken", [
+    GOOD.replace("Paris </answer>", "Paris b c d e f g h i j k </answer>"),  # over 10 words
+    GOOD.replace("So it is", "Assistant: so it is"),
+    GOOD.replace("So it is", "所以"),
+])
+def test_qwen_recipe_checks_only_apply_when_strict(broken):
+    assert rewards.score(broken, ["Paris"], STAGE2).reward == -2.0
+    assert rewards.score(broken, ["Paris"], LLAMA_STAGE2).reward > 0
+
+
+def test_cjk_inside_documents_is_allowed():
+    response = GOOD.replace("Title: A Text: b", "Title: 巴黎 Text: b")
+    assert rewards.score(response, ["Paris"], STAGE2).format_ok
+
+
+def test_stage1_recipes():
+    paper = rewards.RewardConfig(recipe="retrieval_format")
+    assert rewards.score(GOOD, ["x"], paper).reward == 1.0
+    no_search = " I know. </think>\n\n<answer> Paris </answer>"
+    assert rewards.score(no_search, ["x"], paper).reward == 0.5
+    llama = rewards.RewardConfig(recipe="cem_retrieval_format", strict_format=False)
+    assert rewards.score(GOOD, ["Paris"], llama).reward == 2.0
+    assert rewards.score(no_search, ["Rome"], llama).reward == -0.5
+
+
+def test_bad_config_names_the_choices():
+    with pytest.raises(ValueError, match="unknown reward recipe 'f2'"):
+        rewards.RewardConfig(recipe="f2")
+
+
+def test_released_outputs_mostly_well_formed(reference_dir):
+    """The released Qwen traces were trained on this format: nearly all pass the checks."""
+    path = reference_dir / "r1searcher" / "eval_results" / "hotpotqa_qwen.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    results = [rewards.score(r["gen_text_store"], r["answer"], STAGE2) for r in rows]
+    well_formed = sum(r.format_ok for r in results) / len(rows)
+    queries = sum(r.num_retrievals for r in results) / len(rows)
+    assert well_formed > 0.9
+    assert queries == pytest.approx(2.11, abs=0.01)  # Published: 2.11 queries per question.
