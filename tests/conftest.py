@@ -17,7 +17,7 @@ REFERENCE_DIR = pathlib.Path(
 
 @pytest.fixture(scope="session")
 def reference_dir() -> pathlib.Path:
-  if not REFERENCE_DIR.is_dir():
-    pytest.fail(f"reference data not found at {REFERENCE_DIR}; set SEARCHER_REFERENCE "
-                "to the shared/reference directory")
-  return REFERENCE_DIR
+    if not REFERENCE_DIR.is_dir():
+        pytest.fail(f"reference data not found at {REFERENCE_DIR}; set SEARCHER_REFERENCE "
+                    "to the shared/reference directory")
+    return REFERENCE_DIR

@@ -1,4 +1,5 @@
 """Static model configuration, read from and written back to a HF `config.json`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,15 +10,16 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 _ARCHITECTURES = {
-        "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM",
-        "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "llama": "LlamaForCausalLM",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1's frequency-dependent RoPE scaling (`rope_type: llama3`)."""
+
     factor: float
     low_freq_factor: float
     high_freq_factor: float
@@ -27,6 +29,7 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one decoder of the Qwen2/Qwen2.5, Qwen3 or Llama 3 family."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -51,13 +54,18 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: "
-                                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unsupported compute dtype {self.dtype!r}; use one of {COMPUTE_DTYPES}")
+            raise ValueError(
+                f"unsupported compute dtype {self.dtype!r}; use one of {COMPUTE_DTYPES}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
-                                              f"{self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
 
     @property
     def num_params(self) -> int:
@@ -78,30 +86,35 @@ class ModelConfig:
         """Builds a config from a HF `config.json` dict; `overrides` set the run fields."""
         model_type = hf_config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: "
-                                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in config.json; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         try:
             hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
             fields = dict(
-                    model_type=model_type,
-                    vocab_size=hf_config["vocab_size"],
-                    hidden_size=hidden,
-                    intermediate_size=hf_config["intermediate_size"],
-                    num_layers=hf_config["num_hidden_layers"],
-                    num_heads=heads,
-                    num_kv_heads=hf_config.get("num_key_value_heads") or heads,
-                    head_dim=hf_config.get("head_dim") or hidden // heads,
-                    rope_theta=float(hf_config.get("rope_theta") or _rope_parameters(hf_config).get(
-                "rope_theta", 10000.0)),
-                    rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
-                    tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-                    attention_bias=(True if model_type == "qwen2"
-                                                    else bool(hf_config.get("attention_bias", False))),
-                    qk_norm=model_type == "qwen3",
-                    rope_scaling=_parse_rope_scaling(hf_config),
-                    max_position_embeddings=hf_config.get("max_position_embeddings", 32768),
-                    bos_token_id=hf_config.get("bos_token_id"),
-                    eos_token_id=hf_config.get("eos_token_id"),
+                model_type=model_type,
+                vocab_size=hf_config["vocab_size"],
+                hidden_size=hidden,
+                intermediate_size=hf_config["intermediate_size"],
+                num_layers=hf_config["num_hidden_layers"],
+                num_heads=heads,
+                num_kv_heads=hf_config.get("num_key_value_heads") or heads,
+                head_dim=hf_config.get("head_dim") or hidden // heads,
+                rope_theta=float(
+                    hf_config.get("rope_theta")
+                    or _rope_parameters(hf_config).get("rope_theta", 10000.0)
+                ),
+                rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+                attention_bias=(
+                    True if model_type == "qwen2" else bool(hf_config.get("attention_bias", False))
+                ),
+                qk_norm=model_type == "qwen3",
+                rope_scaling=_parse_rope_scaling(hf_config),
+                max_position_embeddings=hf_config.get("max_position_embeddings", 32768),
+                bos_token_id=hf_config.get("bos_token_id"),
+                eos_token_id=hf_config.get("eos_token_id"),
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks the required field {e.args[0]!r}") from None
@@ -115,21 +128,21 @@ class ModelConfig:
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict for this architecture."""
         hf = {
-                "architectures": [_ARCHITECTURES[self.model_type]],
-                "model_type": self.model_type,
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size,
-                "num_hidden_layers": self.num_layers,
-                "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.num_kv_heads,
-                "head_dim": self.head_dim,
-                "hidden_act": "silu",
-                "rope_theta": self.rope_theta,
-                "rms_norm_eps": self.rms_norm_eps,
-                "tie_word_embeddings": self.tie_word_embeddings,
-                "max_position_embeddings": self.max_position_embeddings,
-                "torch_dtype": "float32",
+            "architectures": [_ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "torch_dtype": "float32",
         }
         if self.model_type != "qwen2":
             hf["attention_bias"] = self.attention_bias
@@ -156,12 +169,15 @@ def _parse_rope_scaling(hf_config: Mapping[str, Any]) -> RopeScaling | None:
         return None
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: "
-                                          f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+        raise ValueError(
+            f"unsupported rope_scaling type {rope_type!r}; supported: "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
     if rope_type == "default":
         return None
     return RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
