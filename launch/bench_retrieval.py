@@ -1,0 +1,201 @@
+"""Retrieval benchmark: ScaNN against faiss-cpu (IndexFlatIP, IndexHNSWFlat) in one run.
+
+  python launch/benchmark.py --suite=retrieval [-- --corpus a.jsonl b.tsv --cache_dir artifacts/bench_retrieval]
+
+On the same all-MiniLM-L6-v2 embeddings of real passages (default: the reference corpora
+under ../shared/reference/corpus, de-duplicated; pass the world's corpus.jsonl with --corpus)
+and real queries (the queries the released model wrote, reference/corpus/*.questions.jsonl):
+queries/s and recall@10 against exact search for every index setting; the fastest setting of
+ScaNN and of HNSW that reaches the target recall, and their ratio; the latency of a 64-query
+batch through the whole dense retriever (encoder included); bytes per million passages.
+Embeddings are cached under --cache_dir (encoding takes minutes on a CPU).
+
+--real_eval also reports, on the 4,750 HotpotQA abstracts alone, how often our top-3 holds the
+authors' first passage and the gold answer (dense MiniLM exact search, and BM25).
+"""
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import sys
+import time
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
+REFERENCE_SETS = ["hotpotqa_qwen", "hotpotqa_llama", "2wiki_qwen", "bamboogle_qwen", "bamboogle_llama"]
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", nargs="*", default=[],
+                        help="corpus files (default: the reference corpora, hotpotqa_qwen first)")
+    parser.add_argument("--reference_dir", default=os.environ.get("SEARCHER_REFERENCE", str(DEFAULT_REFERENCE)))
+    parser.add_argument("--cache_dir", default=str(REPO_ROOT / "artifacts" / "bench_retrieval"))
+    parser.add_argument("--max_length", type=int, default=256, help="encoder max tokens (MiniLM's own limit)")
+    parser.add_argument("--encoder_batch_size", type=int, default=64)
+    parser.add_argument("--num_queries", type=int, default=2000)
+    parser.add_argument("--target_recall", type=float, default=0.95)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best is kept)")
+    parser.add_argument("--real_eval", action="store_true")
+    parser.add_argument("--out", default="", help="write the result JSON here too")
+
+
+def _timed_qps(search, queries, repeats):
+    search(queries[:64])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        rows = search(queries)
+        best = min(best, time.perf_counter() - start)
+    return rows, len(queries) / best
+
+
+def _corpus_passages(args):
+    from searcher_jax.retrieval import corpus_formats
+    files = args.corpus or [pathlib.Path(args.reference_dir) / "corpus" / f"{s}.corpus.jsonl" for s in REFERENCE_SETS]
+    seen = set()
+    for path in files:
+        for p in corpus_formats.read_corpus(path):
+            text = p.render()
+            if text not in seen:  # the reference sets share passages; duplicates would tie
+                seen.add(text)
+                yield p
+
+
+def _cache_key(args) -> str:
+    files = args.corpus or [str(pathlib.Path(args.reference_dir) / "corpus" / f"{s}.corpus.jsonl")
+                            for s in REFERENCE_SETS]
+    stamp = [(str(f), pathlib.Path(f).stat().st_size) for f in files] + [args.max_length]
+    return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
+
+
+def _load_queries(reference_dir: pathlib.Path, limit: int) -> list[str]:
+    from searcher_jax.retrieval.reference_eval import load_reference_queries
+    out = []
+    for s in REFERENCE_SETS:
+        out += [q.query for q in load_reference_queries(reference_dir / "corpus" / f"{s}.questions.jsonl")]
+    return list(dict.fromkeys(out))[:limit]
+
+
+def run(args: argparse.Namespace) -> dict:
+    import faiss
+    import numpy as np
+    from searcher_jax.retrieval import corpus_store, dense_index, embeddings
+    from searcher_jax.retrieval.encoder import TextEncoder
+    from searcher_jax.retrieval.retriever import DenseRetriever
+
+    reference_dir = pathlib.Path(args.reference_dir)
+    cache = pathlib.Path(args.cache_dir) / _cache_key(args)
+    if not (cache / "corpus" / "meta.json").is_file():
+        corpus_store.write_store(_corpus_passages(args), cache / "corpus")
+    store = corpus_store.CorpusStore(cache / "corpus")
+    encoder = TextEncoder.load(max_length=args.max_length, batch_size=args.encoder_batch_size)
+    t = time.perf_counter()
+    computed = embeddings.encode_store(store, encoder, cache / "embeddings", shard_size=8192)
+    encode_s = time.perf_counter() - t
+    base = embeddings.load_embeddings(cache / "embeddings")  # [N, D]
+    n, dim = base.shape
+    query_texts = _load_queries(reference_dir, args.num_queries)
+    queries = encoder.encode_queries(query_texts)  # [Q, D]
+    exact = dense_index.exact_search(base, queries, 10)
+    rows_out = []
+
+    def record(name, params, search, bytes_used, build_s):
+        found, qps = _timed_qps(search, queries, args.repeats)
+        rows_out.append({"index": name, **params, "qps": round(qps, 1),
+                         "recall_at_10": round(dense_index.recall_at_k(found, exact), 4),
+                         "bytes_per_million": round(bytes_used / n * 1e6), "build_s": round(build_s, 2)})
+        print(json.dumps(rows_out[-1]), flush=True)
+
+    record("numpy_exact", {}, lambda q: dense_index.exact_search(base, q, 10), base.nbytes, 0.0)
+
+    brute, build_s = dense_index.timed_build(base, dense_index.IndexConfig(kind="brute_force"))
+    record("scann_brute_force", {}, lambda q: brute.search(q, 10)[0], brute.save(cache / "scann_brute_force"),
+           build_s)
+    tree_index, build_s = dense_index.timed_build(base, dense_index.IndexConfig(kind="tree_ah"))
+    tree_bytes = tree_index.save(cache / "scann_tree_ah")
+    leaves = dense_index.IndexConfig().leaves(n)
+    for fraction in (0.05, 0.1, 0.2, 0.3, 0.5):
+        to_search = max(1, round(leaves * fraction))
+        record("scann_tree_ah", {"leaves": leaves, "leaves_to_search": to_search},
+               lambda q, s=to_search: tree_index.search(q, 10, leaves_to_search=s)[0], tree_bytes, build_s)
+
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(base)
+    record("faiss_flat_ip", {}, lambda q: flat.search(q, 10)[1], len(faiss.serialize_index(flat)), 0.0)
+    t = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 200
+    hnsw.add(base)
+    hnsw_build_s = time.perf_counter() - t
+    hnsw_bytes = len(faiss.serialize_index(hnsw))
+    for ef in (16, 32, 64, 128, 256):
+        hnsw.hnsw.efSearch = ef
+        record("faiss_hnsw", {"M": 32, "efSearch": ef}, lambda q: hnsw.search(q, 10)[1], hnsw_bytes, hnsw_build_s)
+
+    def fastest(name):
+        ok = [r for r in rows_out if r["index"] == name and r["recall_at_10"] >= args.target_recall]
+        return max(ok, key=lambda r: r["qps"]) if ok else None
+
+    scann_best, hnsw_best = fastest("scann_tree_ah"), fastest("faiss_hnsw")
+    retriever = DenseRetriever(store, encoder, tree_index,
+                               leaves_to_search=scann_best["leaves_to_search"] if scann_best else None)
+    batch = query_texts[:64]
+    retriever.search(batch, 3)  # compile
+    latencies = []
+    for _ in range(5):
+        start = time.perf_counter()
+        retriever.search(batch, 3)
+        latencies.append(time.perf_counter() - start)
+    result = {
+        "suite": "retrieval", "corpus": [str(f) for f in (args.corpus or ["reference corpora"])],
+        "passages": n, "dim": dim, "queries": len(queries), "encoder": "all-MiniLM-L6-v2 (JAX)",
+        "max_length": args.max_length, "embedding_shards_computed": computed, "encode_s": round(encode_s, 1),
+        "rows": rows_out, "target_recall": args.target_recall,
+        "scann_best": scann_best, "hnsw_best": hnsw_best,
+        "scann_over_hnsw_qps": round(scann_best["qps"] / hnsw_best["qps"], 2) if scann_best and hnsw_best else None,
+        "latency_64_queries_with_encoder_s": {"median": round(float(np.median(latencies)), 4),
+                                              "min": round(min(latencies), 4)},
+        "cpu_count": os.cpu_count(),
+    }
+    if args.real_eval:
+        result["real_eval"] = real_eval(store, base, reference_dir, encoder)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def real_eval(store, base, reference_dir: pathlib.Path, encoder) -> dict:
+    """Full-corpus agreement on the HotpotQA abstracts (rows of hotpotqa_qwen in the cached corpus)."""
+    from searcher_jax.retrieval import corpus_store, dense_index, reference_eval
+    from searcher_jax.retrieval.bm25 import BM25Index
+    from searcher_jax.retrieval.retriever import BM25Retriever, DenseRetriever
+
+    rows = [r for r in range(len(store)) if store.get(r).id.startswith("hotpotqa_qwen-")]
+    if not rows:
+        return {"skipped": "the corpus holds no hotpotqa_qwen passages (run on the reference corpora)"}
+    directory = pathlib.Path(store.directory).parent / "hotpotqa_qwen_store"
+    if not (directory / "meta.json").is_file():
+        corpus_store.write_store((store.get(r) for r in rows), directory, progress=False)
+    sub = corpus_store.CorpusStore(directory)
+    by_id = {p.id: p for p in sub}
+    queries = reference_eval.load_reference_queries(reference_dir / "corpus" / "hotpotqa_qwen.questions.jsonl")
+    texts = [q.query for q in queries]
+    exact_index = dense_index.DenseIndex.build(base[rows], dense_index.IndexConfig(kind="brute_force"))
+    dense = DenseRetriever(sub, encoder, exact_index)
+    bm25 = BM25Retriever(sub, BM25Index.build(sub, progress=False))
+    return {"passages": len(sub),
+            "dense_minilm_exact": reference_eval.agreement(queries, dense.search(texts, 3), by_id),
+            "bm25": reference_eval.agreement(queries, bm25.search(texts, 3), by_id)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(run(args), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

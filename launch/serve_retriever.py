@@ -1,0 +1,49 @@
+"""Serves an index directory over HTTP for R1-Searcher (POST /queries) and Search-R1
+(POST /retrieve) clients, unchanged.
+
+  python launch/serve_retriever.py --index_dir /data/index [--backend dense|bm25]
+      [--host 127.0.0.1] [--port 8000] [--cpu]
+
+Binds loopback by default; pass --host 0.0.0.0 deliberately to serve other machines.
+"""
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--index_dir", required=True)
+    parser.add_argument("--backend", default="dense", choices=["dense", "bm25"])
+    parser.add_argument("--encoder_dir", default="", help="override the encoder recorded in index.json")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max_queries", type=int, default=1024, help="per request and per batched search")
+    parser.add_argument("--max_k", type=int, default=100)
+    parser.add_argument("--encoder_batch_size", type=int, default=32)
+    parser.add_argument("--cpu", action="store_true", help="set JAX_PLATFORMS=cpu")
+    args = parser.parse_args(argv)
+    if args.cpu:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    from searcher_jax.retrieval.retriever import RetrieverConfig, make_retriever
+    from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
+
+    retriever = make_retriever(RetrieverConfig(backend=args.backend, index_dir=args.index_dir,
+                                               encoder_dir=args.encoder_dir,
+                                               encoder_batch_size=args.encoder_batch_size))
+    server = RetrievalServer(retriever, host=args.host, port=args.port,
+                             limits=ServerLimits(max_queries=args.max_queries, max_k=args.max_k),
+                             num_passages=len(retriever.store))
+    print(f"serving {args.index_dir} ({args.backend}, {len(retriever.store)} passages) at {server.url}",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""BM25 (bm25s) over the rendered passages of a corpus store."""
+import pathlib
+from typing import Sequence
+
+import bm25s
+import numpy as np
+
+from searcher_jax.retrieval.corpus_store import CorpusStore
+
+STOPWORDS = "en"
+
+
+def _tokenize(texts: Sequence[str]) -> list[list[str]]:
+    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
+
+
+class BM25Index:
+    """Lexical index; rows are corpus-store rows."""
+
+    def __init__(self, model: bm25s.BM25, num_passages: int):
+        self._model = model
+        self.num_passages = num_passages
+
+    @classmethod
+    def build(cls, store: CorpusStore, progress: bool = True, chunk: int = 100_000) -> "BM25Index":
+        tokens = []
+        for start in range(0, len(store), chunk):
+            tokens.extend(_tokenize(store.rendered(start, start + chunk)))
+        model = bm25s.BM25()
+        model.index(tokens, show_progress=progress)
+        return cls(model, len(store))
+
+    def search(self, queries: Sequence[str], k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per query: rows and scores of the top-k passages sharing a term with it (maybe fewer)."""
+        k = min(k, self.num_passages)
+        if not queries or k == 0:
+            return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)
+        # A query whose terms are all stopwords or unknown gets an empty token list; bm25s
+        # then scores every passage 0, which the filter below drops.
+        rows, scores = self._model.retrieve(_tokenize(queries), k=k, show_progress=False,
+                                            backend_selection="numpy", n_threads=0)
+        keep = scores > 0
+        return ([r[m].astype(np.int64) for r, m in zip(rows, keep)],
+                [s[m].astype(np.float32) for s, m in zip(scores, keep)])
+
+    def save(self, directory: str | pathlib.Path) -> None:
+        self._model.save(str(directory), show_progress=False)
+
+    @classmethod
+    def load(cls, directory: str | pathlib.Path, num_passages: int) -> "BM25Index":
+        directory = pathlib.Path(directory)
+        if not (directory / "params.index.json").is_file():
+            raise FileNotFoundError(f"{directory} holds no BM25 index (build one with launch/build_index.py)")
+        return cls(bm25s.BM25.load(str(directory), mmap=True, show_progress=False), num_passages)

@@ -1,0 +1,189 @@
+"""ScaNN index over passage embeddings: exact brute force, or tree + AH + reordering.
+
+Memory (per passage, D dims; the corpus text is memory-mapped separately):
+  brute force fp32: 4D bytes        (21M x 1024 -> 86 GB)
+  tree + AH (2 dims/block, lut16 codes stored one byte per block): D/2 bytes,
+    + reordering data: fp32 4D, bf16 2D, int8 D (+ 4 bytes norm), or none
+  e.g. 21M x 1024 with int8 reordering: ~1.5 KB/passage, ~32 GB; AH only: ~10.7 GB.
+`layout_for_budget` picks the most accurate of these that fits a stated RAM budget.
+Building needs the fp32 embeddings in RAM once (ScaNN trains on the whole array).
+"""
+import dataclasses
+import json
+import pathlib
+import time
+
+import numpy as np
+import scann
+from scann import scann_ops_pybind
+
+REORDER_TYPES = {"float32": scann.ReorderType.FLOAT32, "bfloat16": scann.ReorderType.BFLOAT16,
+                 "int8": scann.ReorderType.INT8}
+REORDER_BYTES_PER_DIM = {"float32": 4, "bfloat16": 2, "int8": 1, "none": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """kind: "auto" (brute force below `brute_force_below` passages, else tree_ah),
+    "brute_force" (exact, as the authors' faiss flat index) or "tree_ah"."""
+    kind: str = "auto"
+    brute_force_below: int = 20_000
+    num_leaves: int = 0            # 0: about sqrt(N)
+    leaves_to_search_fraction: float = 0.1
+    training_sample_size: int = 250_000
+    dims_per_block: int = 2
+    anisotropic_threshold: float = 0.2
+    reorder_dtype: str = "float32"  # "float32" | "bfloat16" | "int8" | "none"
+    reorder_neighbors: int = 100
+    max_k: int = 100               # the largest k a search may ask for
+
+    def __post_init__(self):
+        if self.kind not in ("auto", "brute_force", "tree_ah"):
+            raise ValueError(f"index kind must be auto, brute_force or tree_ah, got {self.kind!r}")
+        if self.reorder_dtype not in REORDER_BYTES_PER_DIM:
+            raise ValueError(f"reorder_dtype must be one of {sorted(REORDER_BYTES_PER_DIM)}")
+
+    def resolved_kind(self, num_passages: int) -> str:
+        if self.kind != "auto":
+            return self.kind
+        return "brute_force" if num_passages < self.brute_force_below else "tree_ah"
+
+    def leaves(self, num_passages: int) -> int:
+        # A leaf needs a few dozen points for k-means to be meaningful.
+        wanted = self.num_leaves or int(np.sqrt(num_passages))
+        return max(1, min(wanted, num_passages // 40))
+
+
+def planned_bytes_per_passage(dim: int, cfg: IndexConfig, num_passages: int) -> float:
+    """The index's RAM per passage for a layout (vectors only; AH codes one byte per block)."""
+    if cfg.resolved_kind(num_passages) == "brute_force":
+        return 4.0 * dim
+    reorder = REORDER_BYTES_PER_DIM[cfg.reorder_dtype] * dim + (4 if cfg.reorder_dtype == "int8" else 0)
+    return dim / cfg.dims_per_block + reorder + 4  # + the leaf id of each point
+
+
+def layout_for_budget(num_passages: int, dim: int, budget_bytes: float,
+                      base: IndexConfig = IndexConfig()) -> IndexConfig:
+    """The most accurate layout whose planned size fits the budget; raises if none does."""
+    candidates = [dataclasses.replace(base, kind="brute_force")] if num_passages < base.brute_force_below else []
+    candidates += [dataclasses.replace(base, kind="tree_ah", reorder_dtype=r)
+                   for r in ("float32", "bfloat16", "int8", "none")]
+    for cfg in candidates:
+        if planned_bytes_per_passage(dim, cfg, num_passages) * num_passages <= budget_bytes:
+            return cfg
+    smallest = planned_bytes_per_passage(dim, candidates[-1], num_passages) * num_passages
+    raise ValueError(f"no single-host layout fits {budget_bytes / 1e9:.1f} GB for {num_passages} x {dim} "
+                     f"(smallest: AH codes only, {smallest / 1e9:.1f} GB); raise the budget or use fewer "
+                     f"dimensions")
+
+
+def index_type(searcher) -> str:
+    """What ScaNN actually built, read back from its config."""
+    config = searcher.config()
+    if "partitioning" in config and "hash" in config:
+        reorder = "exact_reordering" in config
+        return "tree_ah" + ("_reorder" if reorder else "")
+    if "brute_force" in config:
+        return "brute_force"
+    return "other"
+
+
+class DenseIndex:
+    """Maximum inner product search over unit vectors; returns rows and scores."""
+
+    def __init__(self, searcher, num_passages: int, dim: int, built_type: str, leaves_to_search: int):
+        self._searcher = searcher
+        self.num_passages = num_passages
+        self.dim = dim
+        self.built_type = built_type
+        self._leaves_to_search = leaves_to_search
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, cfg: IndexConfig) -> "DenseIndex":
+        # embeddings [N, D] float32
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n, dim = embeddings.shape
+        if n == 0:
+            raise ValueError("cannot build an index over an empty corpus")
+        builder = scann_ops_pybind.builder(embeddings, min(cfg.max_k, n), "dot_product")
+        leaves_to_search = 0
+        if cfg.resolved_kind(n) == "brute_force":
+            builder = builder.score_brute_force()
+        else:
+            leaves = cfg.leaves(n)
+            leaves_to_search = max(1, int(round(leaves * cfg.leaves_to_search_fraction)))
+            builder = builder.tree(num_leaves=leaves, num_leaves_to_search=leaves_to_search,
+                                   training_sample_size=min(cfg.training_sample_size, n))
+            builder = builder.score_ah(cfg.dims_per_block, anisotropic_quantization_threshold=cfg.anisotropic_threshold,
+                                       training_sample_size=min(cfg.training_sample_size, n))
+            if cfg.reorder_dtype != "none":
+                builder = builder.reorder(cfg.reorder_neighbors, quantize=REORDER_TYPES[cfg.reorder_dtype])
+        searcher = builder.build()
+        return cls(searcher, n, dim, index_type(searcher), leaves_to_search)
+
+    def search(self, queries: np.ndarray, k: int,
+               leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """queries [B, D] -> (rows [B, k'] int64, scores [B, k'] float32), k' = min(k, N)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be [B, {self.dim}], got {queries.shape}")
+        k = min(k, self.num_passages)
+        if len(queries) == 0 or k == 0:
+            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        kwargs = {"final_num_neighbors": k}
+        if self.built_type.startswith("tree"):
+            kwargs["leaves_to_search"] = leaves_to_search or self._leaves_to_search
+        rows, scores = self._searcher.search_batched_parallel(queries, **kwargs)
+        return rows.astype(np.int64), scores.astype(np.float32)
+
+    def save(self, directory: str | pathlib.Path) -> int:
+        """Writes the searcher and its metadata; returns the bytes written."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._searcher.serialize(str(directory), relative_path=True)
+        (directory / "dense_index.json").write_text(json.dumps({
+            "num_passages": self.num_passages, "dim": self.dim, "built_type": self.built_type,
+            "leaves_to_search": self._leaves_to_search}))
+        return directory_bytes(directory)
+
+    @classmethod
+    def load(cls, directory: str | pathlib.Path) -> "DenseIndex":
+        directory = pathlib.Path(directory)
+        meta_file = directory / "dense_index.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found: not a dense index directory")
+        meta = json.loads(meta_file.read_text())
+        searcher = scann_ops_pybind.load_searcher(str(directory))
+        return cls(searcher, meta["num_passages"], meta["dim"], meta["built_type"], meta["leaves_to_search"])
+
+
+def directory_bytes(directory: str | pathlib.Path) -> int:
+    return sum(p.stat().st_size for p in pathlib.Path(directory).rglob("*") if p.is_file())
+
+
+def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int, chunk: int = 262_144) -> np.ndarray:
+    """Exact top-k rows by inner product, streaming over [N, D] (which may be memory-mapped)."""
+    # best_rows, best_scores [B, k]
+    best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+    best_rows = np.zeros((len(queries), 0), np.int64)
+    for start in range(0, len(embeddings), chunk):
+        block = np.asarray(embeddings[start:start + chunk], np.float32)
+        scores = np.concatenate([best_scores, queries @ block.T], axis=1)
+        rows = np.concatenate([best_rows, np.broadcast_to(np.arange(start, start + len(block)),
+                                                          (len(queries), len(block)))], axis=1)
+        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(scores, keep, 1)
+        best_rows = np.take_along_axis(rows, keep, 1)
+    return best_rows
+
+
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of the exact top-k rows that were found. found, exact [B, k]."""
+    hits = [len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)]
+    return float(np.sum(hits) / exact.size)
+
+
+def timed_build(embeddings: np.ndarray, cfg: IndexConfig) -> tuple[DenseIndex, float]:
+    start = time.perf_counter()
+    index = DenseIndex.build(embeddings, cfg)
+    return index, time.perf_counter() - start

@@ -1,0 +1,62 @@
+"""A retriever backend that calls a retrieval server (ours, R1-Searcher's or Search-R1's)."""
+import json
+import re
+import urllib.error
+import urllib.request
+from typing import Sequence
+
+from searcher_jax.retrieval.passage import Passage
+from searcher_jax.retrieval.retriever import Hit, HitRetriever, check_k
+
+_LINE_ID = re.compile(r"^(\d+)\s+")
+APIS = ("r1searcher", "searchr1")
+
+
+class RetrievalServerError(RuntimeError):
+    pass
+
+
+class HttpRetriever(HitRetriever):
+    """api "r1searcher": POST /queries, each answer a corpus line "{id}\\t{passage}", kept as a raw
+    passage with the id stripped as the authors' client did. api "searchr1": POST /retrieve with
+    scores, each document's "contents" kept verbatim (format flashrag)."""
+
+    def __init__(self, url: str, api: str = "r1searcher", timeout_s: float = 60.0):
+        if not url:
+            raise ValueError("the http backend needs a url, e.g. http://127.0.0.1:8000")
+        if api not in APIS:
+            raise ValueError(f"api must be one of {APIS}, got {api!r}")
+        self.url, self.api, self.timeout_s = url.rstrip("/"), api, timeout_s
+
+    def _post(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode("utf-8"),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            message = e.read().decode(errors="replace")
+            raise RetrievalServerError(f"{self.url}{path} answered {e.code}: {message}") from None
+
+    def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        check_k(k)
+        if not queries:
+            return []
+        if self.api == "r1searcher":
+            answers = self._post("/queries", {"queries": list(queries), "k": int(k)})["answers"]
+            return [[self._hit_from_line(line) for line in lines] for lines in answers]
+        result = self._post("/retrieve", {"queries": list(queries), "topk": int(k), "return_scores": True})["result"]
+        return [[self._hit_from_document(item["document"], item["score"]) for item in items] for items in result]
+
+    @staticmethod
+    def _hit_from_line(line: str) -> Hit:
+        match = _LINE_ID.match(line)
+        passage_id = match.group(1) if match else ""
+        text = line[match.end():] if match else line
+        return Hit(-1, Passage(passage_id, "", text, "raw"), float("nan"))
+
+    @staticmethod
+    def _hit_from_document(document: dict, score: float) -> Hit:
+        contents = document["contents"]
+        title = contents.partition("\n")[0].strip('"')
+        return Hit(-1, Passage(str(document.get("id", "")), title, contents, "flashrag"), float(score))

@@ -1,0 +1,128 @@
+"""The one interface the rollout calls, and its backends: dense (encoder + ScaNN), BM25, HTTP.
+
+An index directory (written by launch/build_index.py) holds:
+  corpus/      the memory-mapped corpus store
+  dense/       the ScaNN searcher (if built)
+  bm25/        the BM25 index (if built)
+  index.json   which backends exist, the encoder used, and the build summary
+"""
+import dataclasses
+import json
+import pathlib
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from searcher_jax.retrieval.bm25 import BM25Index
+from searcher_jax.retrieval.corpus_store import CorpusStore
+from searcher_jax.retrieval.dense_index import DenseIndex
+from searcher_jax.retrieval.passage import Passage
+
+BACKENDS = ("dense", "bm25", "http")
+
+
+class Retriever(Protocol):
+    """`search` is called once per rollout round with every paused row's query."""
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    row: int  # the corpus-store row (-1 when unknown, e.g. from a remote server)
+    passage: Passage
+    score: float
+
+
+class HitRetriever:
+    """search() from search_hits(); backends implement search_hits (the server needs rows and scores)."""
+
+    def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        raise NotImplementedError
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
+        return [[h.passage for h in hits] for hits in self.search_hits(queries, k)]
+
+
+def check_k(k: int) -> None:
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+
+
+class DenseRetriever(HitRetriever):
+
+    def __init__(self, store: CorpusStore, encoder, index: DenseIndex, leaves_to_search: int | None = None):
+        if len(store) != index.num_passages:
+            raise ValueError(f"corpus has {len(store)} passages but the index {index.num_passages}")
+        self.store, self.encoder, self.index = store, encoder, index
+        self._leaves_to_search = leaves_to_search
+
+    def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        check_k(k)
+        if not queries:
+            return []
+        vectors = self.encoder.encode_queries(list(queries))  # [B, D]
+        rows, scores = self.index.search(vectors, k, leaves_to_search=self._leaves_to_search)
+        return [[Hit(int(r), self.store.get(int(r)), float(s)) for r, s in zip(rs, ss)]
+                for rs, ss in zip(rows, scores)]
+
+
+class BM25Retriever(HitRetriever):
+
+    def __init__(self, store: CorpusStore, index: BM25Index):
+        if len(store) != index.num_passages:
+            raise ValueError(f"corpus has {len(store)} passages but the BM25 index {index.num_passages}")
+        self.store, self.index = store, index
+
+    def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        check_k(k)
+        rows, scores = self.index.search(list(queries), k)
+        return [[Hit(int(r), self.store.get(int(r)), float(s)) for r, s in zip(rs, ss)]
+                for rs, ss in zip(rows, scores)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieverConfig:
+    backend: str = "dense"      # "dense" | "bm25" | "http"
+    index_dir: str = ""         # for dense and bm25
+    encoder_dir: str = ""       # dense: "" means the encoder recorded in index.json
+    encoder_batch_size: int = 32
+    leaves_to_search: int = 0   # dense tree index: 0 means the value it was built with
+    url: str = ""               # http: e.g. "http://127.0.0.1:8000"
+    api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)
+    timeout_s: float = 60.0
+    k: int = 3                  # top-k the rollout asks for (3 in training, 5 in evaluation)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"retriever backend must be one of {BACKENDS}, got {self.backend!r}")
+
+
+def read_index_meta(index_dir: str | pathlib.Path) -> dict:
+    meta_file = pathlib.Path(index_dir) / "index.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: build the index with launch/build_index.py")
+    return json.loads(meta_file.read_text())
+
+
+def make_retriever(cfg: RetrieverConfig) -> HitRetriever:
+    """The backend a config names, loaded from its index directory (or pointed at its URL)."""
+    if cfg.backend == "http":
+        from searcher_jax.retrieval.http_client import HttpRetriever
+        return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s)
+    if not cfg.index_dir:
+        raise ValueError(f"backend {cfg.backend!r} needs index_dir")
+    index_dir = pathlib.Path(cfg.index_dir)
+    meta = read_index_meta(index_dir)
+    if cfg.backend not in meta["backends"]:
+        raise ValueError(f"{index_dir} was built with backends {meta['backends']}, not {cfg.backend!r}")
+    store = CorpusStore(index_dir / "corpus")
+    if cfg.backend == "bm25":
+        return BM25Retriever(store, BM25Index.load(index_dir / "bm25", len(store)))
+    from searcher_jax.retrieval.encoder import TextEncoder  # imports JAX only when needed
+    encoder_meta = meta["encoder"]
+    encoder = TextEncoder.load(cfg.encoder_dir or encoder_meta["dir"] or None, family=encoder_meta["family"],
+                               max_length=encoder_meta["max_length"], batch_size=cfg.encoder_batch_size)
+    return DenseRetriever(store, encoder, DenseIndex.load(index_dir / "dense"),
+                          leaves_to_search=cfg.leaves_to_search or None)

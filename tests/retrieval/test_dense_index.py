@@ -1,0 +1,105 @@
+"""ScaNN layouts against exact search, the RAM plan, and resumable corpus encoding."""
+import numpy as np
+import pytest
+
+from searcher_jax.retrieval import corpus_store, embeddings
+from searcher_jax.retrieval.dense_index import (DenseIndex, IndexConfig, exact_search, layout_for_budget,
+                                                planned_bytes_per_passage, recall_at_k)
+from searcher_jax.retrieval.encoder import EncoderSpec
+from searcher_jax.retrieval.passage import Passage
+
+
+def _clustered(n, dim, seed, centers=200):
+    # Real embeddings are clustered; on uniform random vectors every ANN index loses recall.
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(99).normal(size=(centers, dim)).astype(np.float32)
+    x = c[rng.integers(0, centers, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    return _clustered(30_000, 64, 0), _clustered(300, 64, 1)
+
+
+def test_tree_ah_recall_against_exact(clustered, tmp_path):
+    base, queries = clustered
+    cfg = IndexConfig()  # auto: 30k passages is above the brute-force threshold
+    index = DenseIndex.build(base, cfg)
+    assert index.built_type == "tree_ah_reorder"
+    exact = exact_search(base, queries, 10)
+    rows, scores = index.search(queries, 10)
+    assert rows.shape == scores.shape == (300, 10)
+    recall = recall_at_k(rows, exact)
+    assert recall >= 0.95, recall
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    written = index.save(tmp_path / "dense")
+    assert abs(written / len(base) - planned_bytes_per_passage(64, cfg, len(base))) < 0.1 * written / len(base)
+    loaded = DenseIndex.load(tmp_path / "dense")
+    assert loaded.built_type == "tree_ah_reorder"
+    np.testing.assert_array_equal(loaded.search(queries, 10)[0], rows)
+    # The int8 reordering layout (a third of the fp32 bytes) on the same data.
+    int8 = DenseIndex.build(base, IndexConfig(kind="tree_ah", reorder_dtype="int8"))
+    assert recall_at_k(int8.search(queries, 10)[0], exact) >= 0.9
+
+
+def test_brute_force_is_exact_below_threshold(clustered):
+    base, queries = clustered
+    index = DenseIndex.build(base[:5000], IndexConfig())
+    assert index.built_type == "brute_force"
+    exact = exact_search(base[:5000], queries, 10)
+    assert recall_at_k(index.search(queries, 10)[0], exact) == 1.0
+    rows, _ = index.search(queries[:2], 10_000)  # k above N is clipped
+    assert rows.shape == (2, 5000)
+    with pytest.raises(ValueError, match=r"queries must be \[B, 64\]"):
+        index.search(queries[:, :10], 3)
+
+
+def test_exact_search_streams_in_chunks(clustered):
+    base, queries = clustered
+    full = np.argsort(-(queries @ base[:3000].T), axis=1)[:, :5]
+    np.testing.assert_array_equal(exact_search(base[:3000], queries, 5, chunk=700), full)
+    assert recall_at_k(full, full) == 1.0 and recall_at_k(full[:, ::-1], full) == 1.0
+
+
+def test_layout_for_budget_plans_a_full_wikipedia():
+    # 21M x 1024 float32 is 86 GB: a 40 GB budget gets AH codes with int8 reordering.
+    cfg = layout_for_budget(21_000_000, 1024, 40e9)
+    assert (cfg.kind, cfg.reorder_dtype) == ("tree_ah", "int8")
+    assert planned_bytes_per_passage(1024, cfg, 21_000_000) * 21e6 <= 40e9
+    assert layout_for_budget(21_000_000, 1024, 60e9).reorder_dtype == "bfloat16"
+    assert layout_for_budget(21_000_000, 1024, 12e9).reorder_dtype == "none"
+    assert layout_for_budget(5_000, 384, 1e9).kind == "brute_force"
+    with pytest.raises(ValueError, match="no single-host layout fits 5.0 GB"):
+        layout_for_budget(21_000_000, 1024, 5e9)
+
+
+class _CountingEncoder:
+    """Stands in for TextEncoder: a deterministic vector per text, counting calls."""
+    dim = 4
+    spec = EncoderSpec(pooling="mean")
+
+    def __init__(self):
+        self.calls = 0
+
+    def encode_passages(self, texts, on_batch=None):
+        self.calls += 1
+        return np.array([[len(t), t.count("a"), i % 3, 1.0] for i, t in enumerate(texts)], np.float32)
+
+
+def test_corpus_encoding_resumes_from_missing_shards(tmp_path):
+    passages = [Passage(str(i), f"T{i}", "a" * i, "kilt_100w") for i in range(10)]
+    corpus_store.write_store(iter(passages), tmp_path / "corpus", progress=False)
+    store = corpus_store.CorpusStore(tmp_path / "corpus")
+    encoder = _CountingEncoder()
+    assert embeddings.encode_store(store, encoder, tmp_path / "emb", shard_size=4, progress=False) == 3
+    first = embeddings.load_embeddings(tmp_path / "emb")
+    assert first.shape == (10, 4) and first[9, 1] == 9
+    (tmp_path / "emb" / "shard_000001.npy").unlink()  # as if killed while writing shard 1
+    with pytest.raises(FileNotFoundError, match="1 of 3 shards missing"):
+        embeddings.load_embeddings(tmp_path / "emb")
+    assert embeddings.encode_store(store, encoder, tmp_path / "emb", shard_size=4, progress=False) == 1
+    assert encoder.calls == 4
+    np.testing.assert_array_equal(embeddings.load_embeddings(tmp_path / "emb"), first)
+    with pytest.raises(ValueError, match="another corpus, encoder or shard size"):
+        embeddings.encode_store(store, encoder, tmp_path / "emb", shard_size=5, progress=False)

@@ -1,0 +1,177 @@
+"""The HTTP server: both clients' request formats, 4xx answers, batching, and the client backend."""
+import http.client
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from searcher_jax.retrieval.http_client import HttpRetriever, RetrievalServerError
+from searcher_jax.retrieval.passage import Passage, strip_corpus_id
+from searcher_jax.retrieval.retriever import Hit, RetrieverConfig, make_retriever
+from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+QUERIES = ["Irish Home Rule movement party campaigned", "Mad City 1997 film director", "zzzz qqqq"]
+
+
+def _post(url, path, payload, raw=None):
+    """A plain HTTP client: (status, decoded JSON body)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = raw if raw is not None else json.dumps(payload).encode()
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, data = response.status, json.loads(response.read())
+    conn.close()
+    return status, data
+
+
+@pytest.fixture(scope="module")
+def dense_server(hotpot_subset_dense):
+    with RetrievalServer(hotpot_subset_dense, port=0, limits=ServerLimits(max_queries=16, max_k=10),
+                         num_passages=len(hotpot_subset_dense.store)) as server:
+        yield server
+
+
+def test_binds_loopback_by_default(dense_server):
+    assert dense_server.url.startswith("http://127.0.0.1:")
+
+
+def test_r1searcher_queries_format(dense_server, hotpot_subset_dense):
+    status, data = _post(dense_server.url, "/queries", {"queries": QUERIES, "k": 3})
+    assert status == 200 and set(data) == {"queries", "answers"}
+    assert data["queries"] == QUERIES
+    expected = hotpot_subset_dense.search_hits(QUERIES, 3)
+    assert [len(a) for a in data["answers"]] == [3, 3, 3]
+    for lines, hits in zip(data["answers"], expected):
+        for line, hit in zip(lines, hits):
+            assert re.match(r"^\d+\t", line)  # the R1-Searcher client strips `^\d+\s+`
+            assert strip_corpus_id(line) == hit.passage.render()
+    status, data = _post(dense_server.url, "/queries", {"queries": QUERIES[:1]})  # k defaults to 3
+    assert status == 200 and len(data["answers"][0]) == 3
+
+
+def test_searchr1_retrieve_format(dense_server, hotpot_subset_dense):
+    status, data = _post(dense_server.url, "/retrieve", {"queries": QUERIES, "topk": 2, "return_scores": True})
+    assert status == 200 and set(data) == {"result"}
+    hits = hotpot_subset_dense.search_hits(QUERIES, 2)
+    for items, expected in zip(data["result"], hits):
+        assert [set(i) for i in items] == [{"document", "score"}] * 2
+        assert [i["document"] for i in items] == [{"id": h.passage.id, "contents": h.passage.contents()}
+                                                  for h in expected]
+        assert [i["score"] for i in items] == pytest.approx([h.score for h in expected], abs=1e-5)
+        title, _, text = items[0]["document"]["contents"].partition("\n")  # how Search-R1 splits it
+        assert title == f'"{expected[0].passage.title}"' and text == expected[0].passage.text
+    status, data = _post(dense_server.url, "/retrieve", {"queries": QUERIES[:1], "topk": 2})
+    assert status == 200 and [set(d) for d in data["result"][0]] == [{"id", "contents"}] * 2
+
+
+@pytest.mark.parametrize("path, payload, raw, status, message", [
+    ("/queries", None, b"{not json", 400, "malformed JSON"),
+    ("/queries", None, b"\xff\xfe", 400, "malformed JSON"),
+    ("/queries", [1, 2], None, 400, "expected a JSON object"),
+    ("/queries", {"k": 3}, None, 400, "missing field 'queries'"),
+    ("/queries", {"queries": "one string"}, None, 400, "list of strings"),
+    ("/queries", {"queries": ["a", 3]}, None, 400, "list of strings"),
+    ("/queries", {"queries": ["a"], "k": 0}, None, 400, "'k' must be a positive integer"),
+    ("/queries", {"queries": ["a"], "k": "3"}, None, 400, "'k' must be a positive integer"),
+    ("/queries", {"queries": ["a"], "k": 11}, None, 413, "k=11 exceeds the limit of 10"),
+    ("/retrieve", {"queries": ["a"], "topk": True}, None, 400, "'topk' must be a positive integer"),
+    ("/retrieve", {"queries": ["a"], "return_scores": "yes"}, None, 400, "return_scores"),
+    ("/queries", {"queries": ["a"] * 17}, None, 413, "17 queries exceed the limit of 16"),
+    ("/queries", {"queries": ["a" * 5000]}, None, 413, "5000 characters"),
+    ("/search", {"queries": ["a"]}, None, 404, "unknown path"),
+])
+def test_malformed_requests_get_4xx(dense_server, path, payload, raw, status, message):
+    got, data = _post(dense_server.url, path, payload, raw)
+    assert got == status and message in data["error"]
+
+
+def test_server_survives_bad_requests_and_oversize_bodies(dense_server):
+    host, port = dense_server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/queries")
+    conn.putheader("Content-Length", str(100 << 20))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "exceeds the limit" in json.loads(response.read())["error"]
+    conn.close()
+    assert _post(dense_server.url, "/queries", {"queries": QUERIES[:1], "k": 1})[0] == 200
+
+
+def test_client_backend_matches_in_process(dense_server, hotpot_subset_dense):
+    in_process = hotpot_subset_dense.search(QUERIES, 3)
+    r1 = make_retriever(RetrieverConfig(backend="http", url=dense_server.url)).search(QUERIES, 3)
+    assert [[p.render() for p in ps] for ps in r1] == [[p.render() for p in ps] for ps in in_process]
+    s1 = HttpRetriever(dense_server.url, api="searchr1").search(QUERIES, 3)
+    assert [[(p.id, p.text) for p in ps] for ps in s1] == [[(p.id, p.contents()) for p in ps] for ps in in_process]
+    with pytest.raises(RetrievalServerError, match="413"):
+        HttpRetriever(dense_server.url).search(QUERIES, 50)
+
+
+class _GatedRetriever:
+    """Blocks its first call until released, so the test controls what queues up behind it."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.batches = []
+
+    def search_hits(self, queries, k):
+        self.batches.append(list(queries))
+        self.release.wait(timeout=30)
+        return [[Hit(i, Passage(str(i), q, " t", "hotpot_abstract"), 1.0) for i in range(k)] for q in queries]
+
+
+def test_concurrent_requests_share_one_search_call():
+    retriever = _GatedRetriever()
+    with RetrievalServer(retriever, port=0) as server:
+        results = {}
+
+        def ask(name, k):
+            results[name] = _post(server.url, "/queries", {"queries": [name, name + "2"], "k": k})
+
+        threads = [threading.Thread(target=ask, args=("first", 1))]
+        threads[0].start()
+        deadline = time.monotonic() + 30
+        while not retriever.batches and time.monotonic() < deadline:
+            time.sleep(0.01)
+        threads += [threading.Thread(target=ask, args=(f"q{i}", 1 + i % 3)) for i in range(5)]
+        for t in threads[1:]:
+            t.start()
+        while server.searcher._queue.qsize() < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        retriever.release.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(retriever.batches) == 2 and len(retriever.batches[1]) == 10
+    for i in range(5):
+        status, data = results[f"q{i}"]
+        assert status == 200 and data["queries"] == [f"q{i}", f"q{i}2"]
+        assert [len(a) for a in data["answers"]] == [1 + i % 3] * 2  # each request gets its own k
+        assert data["answers"][0][0] == f"0\tTitle: q{i} Text:  t"
+
+
+def test_serve_retriever_cli(tmp_path, reference_dir):
+    from launch import build_index
+    corpus = reference_dir / "r1searcher" / "corpus_samples" / "train_np_title_abs_sample_100.tsv"
+    assert build_index.main(["--corpus", str(corpus), "--out", str(tmp_path / "idx"), "--backends", "bm25",
+                             "--no_progress"]) == 0
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "serve_retriever.py"),
+                                "--index_dir", str(tmp_path / "idx"), "--backend", "bm25", "--port", "0"],
+                               stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+)", line).group(1)
+        status, data = _post(url, "/queries", {"queries": ["Lucy Mair anthropologist"], "k": 1})
+        assert status == 200
+        assert data["answers"][0][0].startswith("1\tTitle: Lucy Mair Text:  Lucy Philip Mair")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
