@@ -21,7 +21,7 @@ from flax import nnx
 
 from searcher_jax.model.config import ModelConfig
 
-Cache = Any  # Per layer {"k", "v"}: [B, S, K, D]; stacked as [L, B, S, K, D] under scan.
+Cache = Any  # Per layer {"k", "v"}: [B, K, S, D]; stacked as [L, B, K, S, D] under scan.
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, stack: int | None, init: str = "normal"):
@@ -74,16 +74,22 @@ def apply_rope(x, positions, inv_freq):
 
 
 def attend(q, k, v, mask):
-    """Grouped-query attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N,D]."""
+    """Grouped-query attention. q [B,T,N,D], k/v [B,K,S,D], mask [B,T,S] -> [B,T,N,D].
+
+    Keys and values are heads-major ([B,K,S,D], the cache's layout): the two
+    contractions then batch over (B, K) with no transpose of the cache, which
+    on XLA CPU made decode-step attention about 4x faster than a [B,S,K,D]
+    cache (each step re-laid the whole attended cache out for the dot).
+    """
     b, t, n, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    kv_heads = k.shape[1]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, d).transpose(0, 2, 1, 3, 4)  # [B,K,T,G,D]
+    scores = jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(d)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, n, d)
+    out = jnp.einsum("bktgs,bksd->bktgd", probs, v)  # [B,K,T,G,D]
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
 
 
 class Attention(nnx.Module):
@@ -104,11 +110,15 @@ class Attention(nnx.Module):
             self.k_norm = _param(rngs, (d,), ("norm",), stack, "ones")
 
     def __call__(self, x, positions, inv_freq, mask, cache, write_index):
-        """x [B,T,E], positions [B,T], mask [B,T,S]; cache {"k","v"} [B,S,K,D] or None."""
+        """x [B,T,E], positions [B,T], mask [B,T,S]; cache {"k","v"} [B,K,S,D] or None."""
         cfg, dtype = self.config, x.dtype
-        q = jnp.einsum("bte,end->btnd", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dtype))
+        b, t, e = x.shape
+        n, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # Projections as plain 2-D matmuls over [E, heads * D] views of the
+        # weights: as 3-D einsums, XLA CPU re-laid o_proj out on every step.
+        q = (x @ self.q_proj[...].reshape(e, n * d).astype(dtype)).reshape(b, t, n, d)
+        k = (x @ self.k_proj[...].reshape(e, k_heads * d).astype(dtype)).reshape(b, t, k_heads, d)
+        v = (x @ self.v_proj[...].reshape(e, k_heads * d).astype(dtype)).reshape(b, t, k_heads, d)
         if cfg.attention_bias:
             q = q + self.q_bias[...].astype(dtype)
             k = k + self.k_bias[...].astype(dtype)
@@ -118,21 +128,24 @@ class Attention(nnx.Module):
             k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        if cache is not None:
+        if cache is None:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,D]
+        else:
             cache = {"k": _write(cache["k"], k, write_index),
                      "v": _write(cache["v"], v, write_index)}
             attend_len = mask.shape[-1]
-            k, v = cache["k"][:, :attend_len], cache["v"][:, :attend_len]
-        out = attend(q, k, v, mask)
-        return jnp.einsum("btnd,nde->bte", out, self.o_proj[...].astype(dtype)), cache
+            k, v = cache["k"][:, :, :attend_len], cache["v"][:, :, :attend_len]
+        out = attend(q, k, v, mask).reshape(b, t, n * d)
+        return out @ self.o_proj[...].reshape(n * d, e).astype(dtype), cache
 
 
 def _write(buffer, new, write_index):
-    """Writes new [B,T,...] into buffer [B,S,...] at slots write_index[b] + t (past S: dropped)."""
+    """Writes new [B,T,K,D] into buffer [B,K,S,D] at slots write_index[b] + t (past S: dropped)."""
     b, t = new.shape[:2]
     slots = write_index[:, None] + jnp.arange(t)[None, :]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    return buffer.at[rows, slots].set(new.astype(buffer.dtype), mode="drop")
+    # Two index arrays around a slice: the update's dims are [B, T, K, D].
+    return buffer.at[rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
 
 
 class MLP(nnx.Module):
@@ -195,13 +208,20 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens."""
         cfg = self.config
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or self.compute_dtype
         if cfg.scan_layers:
             shape = (cfg.num_layers, *shape)
             return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
         return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                      for _ in range(cfg.num_layers))
+
+    def cache_logical_axes(self):
+        """The cache's pytree with each leaf replaced by its logical axis names (for sharding)."""
+        axes = ("batch", "kv_heads", "cache_len", "head_dim")
+        if self.config.scan_layers:
+            return {"k": ("layers", *axes), "v": ("layers", *axes)}
+        return tuple({"k": axes, "v": axes} for _ in range(self.config.num_layers))
 
     def forward_hidden(self, tokens, positions=None, lengths=None, cache: Cache | None = None,
                        write_index=None, attend_len: int | None = None):
@@ -227,7 +247,7 @@ class Decoder(nnx.Module):
                 mask = mask & (key_slots[None, None, :] < lengths[:, None, None])
             mask = jnp.broadcast_to(mask, (b, t, t))
         else:
-            max_len = jax.tree.leaves(cache)[0].shape[-3]
+            max_len = jax.tree.leaves(cache)[0].shape[-2]
             attend_len = max_len if attend_len is None else min(attend_len, max_len)
             key_slots = jnp.arange(attend_len)
             mask = key_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]

@@ -200,8 +200,8 @@ def load_pretrained(directory, *, mesh: jax.sharding.Mesh | None = None,
         else:
             if path not in values:
                 values[path] = _zeros(target.shape, target_sharding)
-            values[path] = _set_layer(values[path], _place(array, _drop_leading(target_sharding)),
-                                      layer)
+            values[path] = jax.block_until_ready(_set_layer(
+                values[path], _place(array, _drop_leading(target_sharding)), layer))
         del array
 
     flat = nnx.to_flat_state(abstract_state)
@@ -213,8 +213,13 @@ def load_pretrained(directory, *, mesh: jax.sharding.Mesh | None = None,
 
 
 def _place(array: np.ndarray, target: jax.sharding.NamedSharding) -> jax.Array:
-    """Each device takes only its slice of the host array."""
-    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+    """Each device takes only its slice of the host array.
+
+    Waits for the copy, so transfers never pile up host buffers: at most one
+    tensor is in flight, whatever the speed of the devices.
+    """
+    return jax.block_until_ready(
+        jax.make_array_from_callback(array.shape, target, lambda index: array[index]))
 
 
 def _drop_leading(target: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:

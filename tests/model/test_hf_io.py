@@ -98,17 +98,17 @@ def test_missing_checkpoint_files_are_reported(tmp_path):
 
 
 _MEMORY_PROBE = textwrap.dedent("""
-    import os, resource, sys, jax, jax.numpy as jnp
+    import sys, jax, jax.numpy as jnp
     from searcher_jax.model import hf_io
     jax.block_until_ready(jnp.ones(8) + 1)  # Backend up before the baseline.
-    def rss():
+    # VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec.
+    def status(field):
         with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
-    base = rss()
+            return next(int(l.split()[1]) for l in f if l.startswith(field)) * 1024
+    base = status("VmRSS")
     model = hf_io.load_pretrained(sys.argv[1])
     jax.block_until_ready(model.embed[...])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(base, peak)
+    print(base, status("VmHWM"))
 """)
 
 

@@ -1,0 +1,380 @@
+"""The device side of the search-augmented rollout: extend, decode a segment, pause.
+
+Two jitted programs over a `SamplingState` (donated, static shapes):
+- `extend(state, tokens [B, E], lengths [B])` writes each row's new tokens at
+  its cursor and fills the cache: prompt prefill and inserting retrieved
+  documents are the same call. E is bucketed to powers of two.
+- `decode_segment(state)` samples up to `segment_len` tokens per row in one
+  `lax.while_loop`, which ends early once no row is RUNNING (rows pause at a
+  stop string, finish at an end-of-sequence id or fill the buffer).
+Both attend only to the first `attend_len` cache slots, a static bucket of the
+longest row that the call can reach, so a long buffer costs nothing while
+rows are short.
+
+`Sampler` is the thin host side: it owns the compiled functions, picks the
+buckets, and reads back only per-row scalars and the new tokens of a segment.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from searcher_jax.model import sharding
+from searcher_jax.model.decoder import Decoder
+from searcher_jax.sampling import select
+from searcher_jax.sampling.state import (FINISHED, PAUSED, RUNNING, STATUS_NAMES, TRUNCATED,
+                                         SamplingState, init_state)
+from searcher_jax.sampling.stop_strings import NO_STOP, StopTable
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Static configuration of a sampler (every field is part of the compiled programs)."""
+    max_len: int  # T: tokens per row, prompt + sampled + inserted.
+    segment_len: int = 512  # N: most tokens a row samples per segment.
+    select: select.SelectConfig = select.SelectConfig()
+    min_extend_bucket: int = 16  # Smallest padded length of an `extend` chunk.
+    # Longer inputs are written in several chunks, which bounds the prefill's
+    # attention scores ([B, heads, chunk, attended] float32) and the shapes compiled.
+    max_extend_chunk: int = 512
+    min_attend_bucket: int = 128  # Smallest number of cache slots attended.
+    # Keep every step's logits ([B, N, V] float32 in the state's segment
+    # output); for parity tests on tiny vocabularies only.
+    record_logits: bool = False
+
+    def __post_init__(self):
+        if min(self.max_len, self.segment_len, self.min_extend_bucket, self.max_extend_chunk) < 1:
+            raise ValueError(f"max_len ({self.max_len}), segment_len ({self.segment_len}), "
+                             f"min_extend_bucket ({self.min_extend_bucket}) and max_extend_chunk "
+                             f"({self.max_extend_chunk}) must be positive")
+
+
+def power_of_two_bucket(n: int, minimum: int, maximum: int) -> int:
+    """The smallest power of two >= max(n, minimum), capped at maximum."""
+    size = max(int(minimum), 1)
+    while size < n:
+        size *= 2
+    return min(size, maximum)
+
+
+# --- Pure programs ----------------------------------------------------------------------------
+
+def _advance_stops(table, stop_state, tokens):
+    """One token per row through the automaton: stop_state [B], tokens [B] -> (state, id, over)."""
+    return (table["next_state"][stop_state, tokens].astype(jnp.int32),
+            table["stop_id"][stop_state, tokens].astype(jnp.int32),
+            table["overshoot"][stop_state, tokens].astype(jnp.int32))
+
+
+def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
+           attend_len: int) -> SamplingState:
+    """Appends tokens [B, E] (row b's first lengths[b]) at each row's cursor.
+
+    Rows with lengths[b] > 0 become RUNNING (TRUNCATED if they do not fit);
+    the others are left as they were. Inserted tokens get log-prob 0. Stop
+    strings are matched in what a row samples after its last extend (as a
+    server matches them in a request's output, never in its prompt), so the
+    automaton restarts.
+    """
+    model = nnx.merge(graphdef, params)
+    batch, max_len = state.tokens.shape
+    chunk = tokens.shape[1]
+    room = max_len - state.cursor
+    fits = lengths <= room
+    lengths = jnp.minimum(lengths, room)  # [B]
+    offsets = jnp.arange(chunk, dtype=jnp.int32)[None, :]  # [1, E]
+    valid = offsets < lengths[:, None]  # [B, E]
+    slots = jnp.where(valid, state.cursor[:, None] + offsets, max_len)  # past the end: dropped
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], (batch, chunk))
+    buffer = state.tokens.at[rows, slots].set(tokens, mode="drop")
+
+    hidden, cache = model.forward_hidden(tokens, cache=state.cache, write_index=state.cursor,
+                                         attend_len=attend_len)  # [B, E, H]
+    last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    extended = lengths > 0
+    cursor = state.cursor + lengths
+    status = jnp.where(extended, RUNNING, state.status)
+    status = jnp.where(extended & (~fits | (cursor >= max_len)), TRUNCATED, status)
+    return state.replace(
+        tokens=buffer, cache=cache, cursor=cursor, status=status,
+        stop_state=jnp.where(extended, 0, state.stop_state),
+        last_hidden=jnp.where(extended[:, None], last.astype(state.last_hidden.dtype),
+                              state.last_hidden),
+        stop_id=jnp.where(extended, NO_STOP, state.stop_id),
+        overshoot=jnp.where(extended, 0, state.overshoot))
+
+
+def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config: SamplerConfig,
+                   attend_len: int):
+    """Samples up to config.segment_len tokens for every RUNNING row.
+
+    Returns (state, logits [B, N, V] float32 if config.record_logits else None).
+    Each step: logits from last_hidden -> a token per row -> its stop-automaton
+    and end-of-sequence checks -> the token's forward pass (so its keys and
+    values are cached even when it ends the row) -> the next last_hidden.
+    """
+    model = nnx.merge(graphdef, params)
+    batch, max_len = state.tokens.shape
+    rows = jnp.arange(batch)
+    steps = config.segment_len
+    record = None
+    if config.record_logits:
+        record = jnp.zeros((batch, steps, model.config.vocab_size), jnp.float32)
+
+    def cond(carry):
+        step, state, _ = carry
+        return (step < steps) & jnp.any(state.status == RUNNING)
+
+    def body(carry):
+        step, state, record = carry
+        running = state.status == RUNNING  # [B]
+        logits = model.logits(state.last_hidden)  # [B, V] float32
+        keys = select.row_keys(state.key, state.row_ids, state.cursor)
+        token = select.select_tokens(logits, keys, config.select)  # [B]
+        logprob = select.token_logprobs(logits, token)
+        slot = jnp.where(running, state.cursor, max_len)  # non-running rows write nothing
+        stop_state, stop_id, overshoot = _advance_stops(stop_table, state.stop_state, token)
+        is_eos = jnp.any(token[:, None] == state.eos_ids, axis=-1)
+
+        hidden, cache = model.forward_hidden(token[:, None], cache=state.cache,
+                                             write_index=state.cursor, attend_len=attend_len)
+        cursor = state.cursor + running
+        status = jnp.where(running & (stop_id != NO_STOP), PAUSED, state.status)
+        status = jnp.where(running & is_eos, FINISHED, status)
+        status = jnp.where((status == RUNNING) & (cursor >= max_len), TRUNCATED, status)
+        paused_now = running & (status == PAUSED)
+        if record is not None:
+            record = record.at[:, step].set(logits)
+        state = state.replace(
+            tokens=state.tokens.at[rows, slot].set(token, mode="drop"),
+            logprobs=state.logprobs.at[rows, slot].set(logprob, mode="drop"),
+            cache=cache,
+            last_hidden=jnp.where(running[:, None], hidden[:, 0], state.last_hidden),
+            cursor=cursor,
+            status=status,
+            stop_state=jnp.where(running, stop_state, state.stop_state),
+            stop_id=jnp.where(paused_now, stop_id, state.stop_id),
+            overshoot=jnp.where(paused_now, overshoot, state.overshoot))
+        return step + 1, state, record
+
+    state = state.replace(segment_start=state.cursor)
+    _, state, record = jax.lax.while_loop(cond, body, (jnp.int32(0), state, record))
+    return state, record
+
+
+def finish_rows(state: SamplingState, rows_mask) -> SamplingState:
+    """Marks the rows in rows_mask [B] bool FINISHED (e.g. the rollout ends them at `</answer>`)."""
+    return state.replace(status=jnp.where(rows_mask, FINISHED, state.status))
+
+
+def segment_window(state: SamplingState, width: int):
+    """tokens and log-probs [B, width] from each row's segment_start (past T: 0)."""
+    max_len = state.tokens.shape[1]
+    index = state.segment_start[:, None] + jnp.arange(width)[None, :]
+    inside = index < max_len
+    index = jnp.minimum(index, max_len - 1)
+    return (jnp.where(inside, jnp.take_along_axis(state.tokens, index, axis=1), 0),
+            jnp.where(inside, jnp.take_along_axis(state.logprobs, index, axis=1), 0.0))
+
+
+# --- Sharding ---------------------------------------------------------------------------------
+
+def state_shardings(model: Decoder, state_shapes: SamplingState, mesh: Mesh,
+                    rules=sharding.SAMPLING_RULES) -> SamplingState:
+    """Rows over the batch axes (data, fsdp); the cache's KV heads over tensor."""
+
+    def rows_first(x):
+        spec = sharding.logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+        return NamedSharding(mesh, spec)
+
+    cache = jax.tree.map(
+        lambda axes, x: NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, mesh, rules,
+                                                                     "kv cache")),
+        model.cache_logical_axes(), state_shapes.cache,
+        is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a))
+    shardings = jax.tree.map(rows_first, state_shapes.replace(cache=None))
+    return shardings.replace(cache=cache, key=NamedSharding(mesh, PartitionSpec()))
+
+
+def sampling_copy(model: Decoder, mesh: Mesh | None = None) -> Decoder:
+    """The weights the sampler reads: compute dtype, split over `tensor` only (jitted reshard)."""
+    graphdef, params = nnx.split(model)
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    return nnx.merge(graphdef, _copy_fn(mesh, model.config.dtype)(params))
+
+
+@functools.lru_cache(maxsize=8)
+def _copy_fn(mesh: Mesh, dtype: str):
+    def copy(params):
+        cast = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        return jax.lax.with_sharding_constraint(
+            cast, sharding.state_shardings(params, mesh, sharding.SAMPLING_RULES))
+    return jax.jit(copy)
+
+
+# --- Host side --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """What the host reads after a segment: per-row scalars (numpy, [B])."""
+    status: np.ndarray
+    stop_id: np.ndarray  # the stop string (index into the config's) that paused the row
+    overshoot: np.ndarray  # bytes of the stopping token past the stop string
+    segment_start: np.ndarray
+    cursor: np.ndarray
+    logits: np.ndarray | None = None  # [B, N, V] when config.record_logits
+
+    @property
+    def paused_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.status == PAUSED)
+
+    def describe(self) -> dict[str, int]:
+        return {name: int(np.sum(self.status == code)) for code, name in enumerate(STATUS_NAMES)}
+
+
+class Sampler:
+    """Owns the compiled `extend` and `decode_segment` of one model, config and mesh.
+
+    The state is passed in and out (and donated); the host reads only [B]
+    scalars and the new tokens of the rows it asks for.
+    """
+
+    def __init__(self, model: Decoder, config: SamplerConfig, stop_table: StopTable | None = None,
+                 mesh: Mesh | None = None):
+        self.config = config
+        self.model_config = model.config
+        self.mesh = mesh or sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+        self._graphdef, self._params = nnx.split(model)
+        vocab = model.config.vocab_size
+        if stop_table is None:  # no stop strings: one state that never stops
+            tables = {"next_state": np.zeros((1, vocab), np.int16),
+                      "stop_id": np.full((1, vocab), NO_STOP, np.int8),
+                      "overshoot": np.zeros((1, vocab), np.int16)}
+        else:
+            if stop_table.next_state.shape[1] != vocab:
+                raise ValueError(f"stop table covers {stop_table.next_state.shape[1]} token ids, "
+                                 f"the model's vocabulary has {vocab}; pass vocab_size={vocab} "
+                                 "to build_stop_table")
+            tables = {"next_state": stop_table.next_state, "stop_id": stop_table.stop_id,
+                      "overshoot": stop_table.overshoot}
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._stop_table = {k: jax.device_put(v, replicated) for k, v in tables.items()}
+        self.stop_strings = () if stop_table is None else stop_table.stop_strings
+        # Python side effects run once per trace, i.e. once per compiled executable.
+        self.traces: collections.Counter = collections.Counter()
+        self._shardings = None
+        self._extend = jax.jit(self._traced("extend", extend), static_argnames=("attend_len",),
+                               donate_argnums=(2,))
+        self._decode = jax.jit(self._traced("decode", decode_segment),
+                               static_argnames=("config", "attend_len"), donate_argnums=(2,))
+        self._finish = jax.jit(self._traced("finish", finish_rows), donate_argnums=(0,))
+        self._window = jax.jit(self._traced("window", segment_window), static_argnames=("width",))
+
+    def _traced(self, name, fn):
+        def counted(*args, **kwargs):
+            self.traces[name] += 1
+            out = fn(*args, **kwargs)
+            if name in ("extend", "finish"):
+                return jax.lax.with_sharding_constraint(out, self._shardings)
+            if name == "decode":
+                return jax.lax.with_sharding_constraint(out[0], self._shardings), out[1]
+            return out
+        return counted
+
+    @property
+    def num_compiled(self) -> int:
+        """Executables compiled so far by this sampler (traces of its jitted functions)."""
+        return sum(self.traces.values())
+
+    def init(self, batch: int, eos_ids: Sequence[int] | np.ndarray, key,
+             row_ids: Sequence[int] | None = None) -> SamplingState:
+        """An empty state for `batch` rows; eos_ids: ids for every row, or [B, NE] per row."""
+        eos = np.asarray(eos_ids, np.int32)
+        if eos.ndim == 1:
+            eos = np.broadcast_to(eos, (batch, eos.size))
+        if eos.shape[0] != batch:
+            raise ValueError(f"eos_ids has {eos.shape[0]} rows, batch is {batch}")
+        row_ids = np.arange(batch, dtype=np.int32) if row_ids is None else np.asarray(row_ids)
+        model = nnx.merge(self._graphdef, self._params)
+        make = functools.partial(init_state, model, batch, self.config.max_len, eos, row_ids)
+        shapes = jax.eval_shape(make, key)
+        self._shardings = state_shardings(model, shapes, self.mesh)
+        return jax.jit(make, out_shardings=self._shardings)(key)
+
+    def extend(self, state: SamplingState, rows: Sequence[Sequence[int]]) -> SamplingState:
+        """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor."""
+        batch = state.tokens.shape[0]
+        if len(rows) != batch:
+            raise ValueError(f"extend got {len(rows)} rows of tokens for a batch of {batch}")
+        rows = [np.asarray(row, np.int32).reshape(-1) for row in rows]
+        step = self.config.max_extend_chunk
+        for start in range(0, max(len(row) for row in rows), step):
+            state = self._extend_chunk(state, [row[start:start + step] for row in rows])
+        return state
+
+    def _extend_chunk(self, state: SamplingState, rows: list[np.ndarray]) -> SamplingState:
+        batch, max_len = state.tokens.shape
+        lengths = np.array([len(r) for r in rows], np.int32)
+        chunk = power_of_two_bucket(int(lengths.max()), self.config.min_extend_bucket,
+                                    self.config.max_extend_chunk)
+        tokens = np.zeros((batch, chunk), np.int32)
+        for b, row in enumerate(rows):
+            tokens[b, :len(row)] = row
+        cursor = self._fetch(state.cursor)
+        reach = int(np.max(np.where(lengths > 0, cursor + lengths, 0)))
+        attend = power_of_two_bucket(reach, self.config.min_attend_bucket, max_len)
+        put = functools.partial(jax.device_put, device=self._shardings.cursor)
+        return self._extend(self._graphdef, self._params, state,
+                            jax.device_put(tokens, self._shardings.tokens), put(lengths),
+                            attend_len=attend)
+
+    def decode(self, state: SamplingState) -> tuple[SamplingState, Segment]:
+        """Runs one segment; returns the new state and what the host needs of it."""
+        max_len = state.tokens.shape[1]
+        status, cursor = self._fetch(state.status), self._fetch(state.cursor)
+        running = status == RUNNING
+        if not running.any():
+            raise ValueError("decode: no row is RUNNING; extend some rows first")
+        reach = int(cursor[running].max()) + self.config.segment_len
+        attend = power_of_two_bucket(reach, self.config.min_attend_bucket, max_len)
+        state, logits = self._decode(self._graphdef, self._params, state, self._stop_table,
+                                     config=self.config, attend_len=attend)
+        segment = Segment(status=self._fetch(state.status), stop_id=self._fetch(state.stop_id),
+                          overshoot=self._fetch(state.overshoot),
+                          segment_start=self._fetch(state.segment_start),
+                          cursor=self._fetch(state.cursor),
+                          logits=None if logits is None else np.asarray(logits))
+        return state, segment
+
+    def new_tokens(self, state: SamplingState, segment: Segment,
+                   rows: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """row -> (tokens, log-probs) it sampled in the segment, for the rows asked for."""
+        if len(rows) == 0:
+            return {}
+        tokens, logprobs = self._window(state, width=self.config.segment_len)
+        tokens, logprobs = self._fetch(tokens), self._fetch(logprobs)
+        out = {}
+        for b in rows:
+            n = int(segment.cursor[b] - segment.segment_start[b])
+            out[int(b)] = (tokens[b, :n], logprobs[b, :n])
+        return out
+
+    def finish(self, state: SamplingState, rows: Sequence[int]) -> SamplingState:
+        """Ends the given rows (e.g. paused at `</answer>`, or out of retrieval rounds)."""
+        mask = np.zeros(state.tokens.shape[0], bool)
+        mask[np.asarray(rows, np.int64)] = True
+        return self._finish(state, jax.device_put(mask, self._shardings.cursor))
+
+    @staticmethod
+    def _fetch(array) -> np.ndarray:
+        return np.asarray(jax.device_get(array))
