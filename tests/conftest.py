@@ -10,6 +10,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
+from searcher_jax.synthetic import build as world_build
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE_DIR = pathlib.Path(
     os.environ.get("SEARCHER_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
@@ -21,3 +23,23 @@ def reference_dir() -> pathlib.Path:
         pytest.fail(f"reference data not found at {REFERENCE_DIR}; set SEARCHER_REFERENCE "
                     "to the shared/reference directory")
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def world_model_dir(tmp_path_factory) -> pathlib.Path:
+    """The synthetic world and its tiny base model (the "ci" preset), built once per session.
+
+    Layout: see searcher_jax/synthetic/build.py (world/, tokenizer/, model/). Built
+    from scratch in a temporary directory, or, when SEARCHER_WORLD_DIR is set, in
+    that directory, reusing what an earlier run built there with the same config.
+    """
+    root = os.environ.get("SEARCHER_WORLD_DIR")
+    root = pathlib.Path(root) if root else tmp_path_factory.mktemp("synthetic_world")
+    world_config, pretrain_config = world_build.PRESETS["ci"]
+    world_build.build(root, world_config, pretrain_config, log=lambda message: None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def world_paths(world_model_dir) -> world_build.WorldPaths:
+    return world_build.WorldPaths(world_model_dir)

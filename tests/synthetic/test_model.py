@@ -1,0 +1,117 @@
+"""The built tokenizer and tiny base model: loadable like Qwen, writing the search format."""
+import dataclasses
+import json
+
+import pytest
+
+from searcher_jax.data import prompts
+from searcher_jax.model import hf_io
+from searcher_jax.synthetic import build
+from searcher_jax.synthetic import demonstrations
+from searcher_jax.synthetic import probe
+from searcher_jax.synthetic import world_files
+
+TAGS = ("<|begin_of_query|>", "<|end_of_query|>", "<|begin_of_documents|>",
+        "<|end_of_documents|>", "<think>", "</think>", "<answer>", "</answer>")
+NUM_SAMPLES = 32
+# Measured on the "ci" preset (2-core CPU, seeds 0-7 of the sampler): 25 to 32 of 32
+# samples write a well-formed query, 28.5 on average.
+MIN_WELL_FORMED = 0.7
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(world_paths):
+    return (hf_io.load_pretrained(world_paths.model_dir),
+            hf_io.load_tokenizer(world_paths.model_dir))
+
+
+def test_model_directory_is_a_qwen2_checkpoint(world_paths, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    config = json.loads((world_paths.model_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    assert (world_paths.model_dir / "model.safetensors").is_file()
+    assert len(tokenizer) <= model.config.vocab_size
+    assert config["eos_token_id"] == tokenizer.eos_token_id == tokenizer.pad_token_id
+    log = json.loads((world_paths.model_dir / build.PRETRAIN_LOG_FILE).read_text())
+    assert 200_000 < log["num_params"] == model.config.num_params < 5_000_000
+    assert log["loss_last_10_mean"] < 0.2 * log["loss_first"]
+
+
+def test_tags_are_plain_text(model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    vocab = tokenizer.get_vocab()
+    for tag in TAGS[:4]:
+        assert tag not in vocab and len(tokenizer(tag)["input_ids"]) > 1
+    assert tokenizer.all_special_tokens == ["<|endoftext|>"]
+
+
+def test_names_are_not_whole_tokens(model_and_tokenizer):
+    # The tokenizer learned syllables, not names, so an evaluation name (never seen in
+    # training) tokenizes like a training name.
+    _, tokenizer = model_and_tokenizer
+    config, _ = build.PRESETS["ci"]
+    world = world_files.generate_world(config)
+
+    def mean_pieces(names):
+        return sum(len(tokenizer(" " + name)["input_ids"]) for name in names) / len(names)
+
+    train_people = [person.name for person in world.train.people]
+    eval_people = [person.name for person in world.eval.people]
+    assert all(len(tokenizer(" " + name.split()[0])["input_ids"]) > 1 for name in train_people)
+    assert abs(mean_pieces(train_people) - mean_pieces(eval_people)) < 0.5
+
+
+def test_tokenizer_round_trips_the_pretraining_text(world_paths, model_and_tokenizer):
+    _, tokenizer = model_and_tokenizer
+    rows = world_files.read_jsonl(world_paths.pretrain_texts)
+    texts = [rows[0]["text"]] + [row["text"] for row in rows if row["kind"] == "demo"][:20]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.eos_token_id not in ids   # no BOS/EOS added, as Qwen2's base tokenizer
+
+
+def test_model_writes_well_formed_queries_for_unseen_entities(world_paths, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    questions = world_files.read_jsonl(world_paths.eval_questions)[:NUM_SAMPLES]
+    prompt_texts = [prompts.base_prompt(row["question"]) for row in questions]
+    rate, texts = probe.query_rate(model, tokenizer, prompt_texts, max_new_tokens=64, seed=0)
+    assert rate >= MIN_WELL_FORMED, texts
+
+
+def test_unchanged_config_reuses_and_changed_config_rebuilds(world_model_dir, world_paths):
+    world_config, pretrain_config = build.PRESETS["ci"]
+    weights = world_paths.model_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    messages = []
+    build.build(world_model_dir, world_config, pretrain_config, log=messages.append)
+    assert weights.stat().st_mtime_ns == before
+    assert len(messages) == 3 and all(message.startswith("reusing") for message in messages)
+    changed = dataclasses.replace(pretrain_config, steps=pretrain_config.steps + 1)
+    payload = json.loads((world_paths.model_dir / build.FINGERPRINT_FILE).read_text())
+    assert payload["fingerprint"] == build.fingerprint(payload["payload"])
+    assert build.fingerprint({**payload["payload"], "pretrain": dataclasses.asdict(changed)}) \
+        != payload["fingerprint"]
+
+
+def test_stage_reuses_on_a_matching_fingerprint_and_rebuilds_otherwise(tmp_path):
+    made = []
+
+    def make(directory):
+        made.append(directory.name)
+        (directory / "out.txt").write_text(str(len(made)))
+
+    stage = tmp_path / "stage"
+    for payload in ({"a": 1}, {"a": 1}, {"a": 2}):
+        build.build_stage(stage, payload, make, log=lambda message: None)
+    assert made == ["stage.partial", "stage.partial"]
+    assert (stage / "out.txt").read_text() == "2" and not (tmp_path / "stage.partial").exists()
+
+
+def test_build_refuses_to_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "notes.txt").write_text("mine")
+    world_config, pretrain_config = build.PRESETS["ci"]
+    with pytest.raises(FileExistsError, match="not written by this build"):
+        build.build(tmp_path, world_config, pretrain_config, log=lambda message: None)
+    assert (tmp_path / "world" / "notes.txt").read_text() == "mine"
