@@ -22,9 +22,11 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # The HF reference runs on PyTorch; 2.13.0 is a CPU build (a CUDA build is gigabytes).
-    "test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0"],
-    # Peers for launch/benchmark.py.
-    "bench": ["faiss-cpu>=1.8.0", "google-tunix>=0.1.7", "torch==2.13.0"],
+    # jax[tpu] brings libtpu, which compiles TPU programs here for the memory-plan test.
+    "test": ["pytest>=8.0", "hypothesis>=6.100", "torch==2.13.0", "jax[tpu]>=0.6.0"],
+    # Peers for launch/benchmark.py. Tunix (the JAX sampler peer) is installed with
+    # --no-deps, as the README says: its pins would downgrade transformers.
+    "bench": ["faiss-cpu>=1.8.0", "torch==2.13.0"],
     # TPU pods, and compiling TPU programs (memory plans) on a machine with no TPU.
     "tpu": ["jax[tpu]>=0.6.0"],
 }
