@@ -1,0 +1,29 @@
+"""The released Qwen2.5-7B recipe (SPEC sections 2-4): every part's static configuration.
+
+Stage configs and the demo start from this and change what differs. Each
+section mirrors one part's frozen dataclass (see searcher_jax/run_config.py).
+"""
+import ml_collections
+
+from searcher_jax import run_config
+from searcher_jax.retrieval.retriever import RetrieverConfig
+from searcher_jax.rl.config import RLConfig
+from searcher_jax.rl.rewards import RewardConfig
+from searcher_jax.sampling.sampler import SamplerConfig
+from searcher_jax.sampling.select import SelectConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = dict(hf_dir="", dtype="bfloat16", scan_layers=True, remat=True)
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    # Temperature 1.0, top-p 0.95, 512 tokens a segment; the buffer holds a 1,024-token
+    # prompt, 9 segments and 8 document blocks (about 8.5k tokens).
+    config.sampler = {**run_config.defaults(SamplerConfig), **run_config.defaults(SelectConfig),
+                      "max_len": 8704, "segment_len": 512, "temperature": 1.0, "top_p": 0.95}
+    config.retriever = {**run_config.defaults(RetrieverConfig), "k": 3}
+    config.rl = {**run_config.defaults(RLConfig), "estimator": "reinforce_baseline",
+                 "kl_coef": 0.0, "samples_per_prompt": 16, "mini_batch_size": 256}
+    config.reward = {**run_config.defaults(RewardConfig), "recipe": "answer",
+                     "answer_metric": "f1", "format_penalty": -2.0}
+    return ml_collections.ConfigDict(config)
