@@ -5,6 +5,12 @@ prompts the released models saw hold two real newlines there.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+# The tags are plain text, not added special tokens (SPEC section 1).
+BEGIN_QUERY, END_QUERY = "<|begin_of_query|>", "<|end_of_query|>"
+BEGIN_DOCUMENTS, END_DOCUMENTS = "<|begin_of_documents|>", "<|end_of_documents|>"
+
 _INSTRUCTIONS = (
     "The output format of reasoning process and final answer are enclosed within <think> "
     "</think> and <answer> </answer> tags, respectively, i.e., \"<think> reasoning process here "
@@ -44,3 +50,16 @@ def instruct_prompt(question: str, tokenizer) -> str:
                 {"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + "<think>"
+
+
+def documents_text(rendered_passages: Sequence[str]) -> str:
+    """The inside of a document block: "(1)p1\\n(2)p2\\n..."; "None" when nothing was found."""
+    if not rendered_passages:
+        return "None"
+    return "".join(f"({i}){text}\n" for i, text in enumerate(rendered_passages, start=1))
+
+
+def documents_block(rendered_passages: Sequence[str]) -> str:
+    """The whole text the environment appends after a query (SPEC section 2)."""
+    return (f"\n\n{BEGIN_DOCUMENTS}\n" + documents_text(rendered_passages)
+            + f"{END_DOCUMENTS}\n\n")

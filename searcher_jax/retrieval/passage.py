@@ -3,6 +3,8 @@ import dataclasses
 import re
 from typing import Sequence
 
+from searcher_jax.data import prompts
+
 # How a passage turns into the text the model reads. The authors' corpora are
 # TSV lines "{id}\t{passage}" and the client strips the id (SPEC section 5):
 #   hotpot_abstract: the HotpotQA abstracts, "Title: X Text: Y" (Y usually starts with a space);
@@ -49,11 +51,9 @@ def strip_corpus_id(line: str) -> str:
 
 def documents_text(passages: Sequence[Passage]) -> str:
     """The inside of a document block: "(1)p1\\n(2)p2\\n..."; "None" when nothing was found."""
-    if not passages:
-        return "None"
-    return "".join(f"({i}){p.render()}\n" for i, p in enumerate(passages, start=1))
+    return prompts.documents_text([p.render() for p in passages])
 
 
 def documents_block(passages: Sequence[Passage]) -> str:
     """The whole text the environment appends after a query (SPEC section 2)."""
-    return "\n\n<|begin_of_documents|>\n" + documents_text(passages) + "<|end_of_documents|>\n\n"
+    return prompts.documents_block([p.render() for p in passages])

@@ -16,10 +16,10 @@ import dataclasses
 import re
 from typing import Callable, Sequence
 
+from searcher_jax.data.prompts import BEGIN_DOCUMENTS as BEGIN_DOCS
+from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY
+from searcher_jax.data.prompts import END_DOCUMENTS as END_DOCS
 from searcher_jax.rl import metrics
-
-BEGIN_QUERY, END_QUERY = "<|begin_of_query|>", "<|end_of_query|>"
-BEGIN_DOCS, END_DOCS = "<|begin_of_documents|>", "<|end_of_documents|>"
 _RETRIEVAL_MARKERS = (BEGIN_DOCS + "\n", END_DOCS + "\n\n", BEGIN_QUERY, END_QUERY, BEGIN_DOCS,
                       END_DOCS, BEGIN_DOCS + "\n(1)")
 _DOC_BLOCK = re.compile(re.escape(BEGIN_DOCS) + r".*?(" + re.escape(END_DOCS) + r"|$)", re.S)

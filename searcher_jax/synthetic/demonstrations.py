@@ -14,24 +14,14 @@ that already follows the search format; it is not one.
 """
 import random
 
-from searcher_jax.data.prompts import base_prompt
+from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY, base_prompt, documents_block
 from searcher_jax.synthetic import keyword_search
 from searcher_jax.synthetic import questions as questions_lib
 from searcher_jax.synthetic import templates
 from searcher_jax.synthetic import world as world_lib
 
-BEGIN_QUERY, END_QUERY = "<|begin_of_query|>", "<|end_of_query|>"
-BEGIN_DOCUMENTS, END_DOCUMENTS = "<|begin_of_documents|>", "<|end_of_documents|>"
-
-
 # Which modes a demonstration is written in (see the module docstring).
 CLEAN, NO_SEARCH, POOR_QUERY, WRONG_ANSWER = "clean", "no_search", "poor_query", "wrong_answer"
-
-
-def document_block(passages: list[str]) -> str:
-    """The environment's insertion after a query (SPEC section 2)."""
-    docs = "".join(f"({i}){passage}\n" for i, passage in enumerate(passages, start=1))
-    return f"\n\n{BEGIN_DOCUMENTS}\n{docs or 'None'}{END_DOCUMENTS}\n\n"
 
 
 class DemoWriter:
@@ -45,7 +35,7 @@ class DemoWriter:
 
     def _search_block(self, query: str) -> str:
         passages = self._search.search(query, self._config.demo_top_k)
-        return f"{BEGIN_QUERY} {query}{END_QUERY}" + document_block(passages)
+        return f"{BEGIN_QUERY} {query}{END_QUERY}" + documents_block(passages)
 
     def _distractor(self, rng: random.Random, question: questions_lib.Question) -> str:
         """A wrong answer of the same kind as the gold one."""

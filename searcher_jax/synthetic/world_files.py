@@ -25,8 +25,8 @@ from searcher_jax.synthetic import world as world_lib
 CORPUS_FILE, TRAIN_FILE, EVAL_FILE, PRETRAIN_FILE = (
     "corpus.jsonl", "train.jsonl", "eval.jsonl", "pretrain.jsonl")
 PASSAGE, DEMO = "passage", "demo"
-_TAGS = (demonstrations.BEGIN_QUERY, demonstrations.END_QUERY, demonstrations.BEGIN_DOCUMENTS,
-         demonstrations.END_DOCUMENTS, "Title:", "Text:")
+_TAGS = (prompts.BEGIN_QUERY, prompts.END_QUERY, prompts.BEGIN_DOCUMENTS, prompts.END_DOCUMENTS,
+         "Title:", "Text:")
 
 
 @dataclasses.dataclass(frozen=True)

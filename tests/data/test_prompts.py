@@ -24,3 +24,11 @@ def test_instruct_prompt_uses_chat_template(reference_dir):
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\nGiven a question")
     assert "**you can perform searching for uncertain knowledge** if necessary" in text
     assert text.endswith("<|im_start|>user\nWho is older?<|im_end|>\n<|im_start|>assistant\n<think>")
+
+
+def test_document_block_is_the_spec_insertion():
+    block = prompts.documents_block(["Title: A Text:  a.", "Title: B Text:  b."])
+    assert block == ("\n\n<|begin_of_documents|>\n(1)Title: A Text:  a.\n(2)Title: B Text:  b.\n"
+                     "<|end_of_documents|>\n\n")
+    assert prompts.documents_block([]) == (
+        "\n\n<|begin_of_documents|>\nNone<|end_of_documents|>\n\n")

@@ -63,20 +63,12 @@ def test_demonstration_blocks_read_like_the_released_traces(world_paths, referen
     assert len(real_searches) > 100   # the pattern is the real one
     responses = [row["text"].split("Assistant: <think>", 1)[1]
                  for row in _rows(world_paths.pretrain_texts) if row["kind"] == world_files.DEMO]
-    searching = [text for text in responses if demonstrations.BEGIN_QUERY in text]
+    searching = [text for text in responses if prompts.BEGIN_QUERY in text]
     assert searching
     for text in searching:
         # Every query in a demonstration is followed by a whole, well-formed block.
-        assert len(_SEARCH.findall(text)) == text.count(demonstrations.BEGIN_QUERY)
+        assert len(_SEARCH.findall(text)) == text.count(prompts.BEGIN_QUERY)
         assert text.count("</think>") == 1 and text.endswith(" </answer>")
-
-
-def test_document_block_is_the_spec_insertion():
-    block = demonstrations.document_block(["Title: A Text:  a.", "Title: B Text:  b."])
-    assert block == ("\n\n<|begin_of_documents|>\n(1)Title: A Text:  a.\n(2)Title: B Text:  b.\n"
-                     "<|end_of_documents|>\n\n")
-    assert demonstrations.document_block([]) == (
-        "\n\n<|begin_of_documents|>\nNone<|end_of_documents|>\n\n")
 
 
 def test_prompt_is_the_spec_base_prompt():
