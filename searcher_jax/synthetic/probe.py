@@ -1,17 +1,15 @@
 """Checks that a model writes the search format: sample after the prompt, count queries.
 
-A deliberately plain sampler (one prefill, then one token per step through the
-decoder's KV cache, no stop strings, no top-p); the real sampler is
-searcher_jax/sampling.
+Sampling runs through the real sampler (searcher_jax/sampling) with no stop
+strings, so a row ends at end-of-sequence or after `max_new_tokens`.
 """
 import re
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from searcher_jax.model.decoder import Decoder
+from searcher_jax.sampling import select
+from searcher_jax.sampling.sampler import Sampler, SamplerConfig
 
 _QUERY = re.compile(r"<\|begin_of_query\|>(.*?)<\|end_of_query\|>", re.DOTALL)
 
@@ -23,39 +21,16 @@ def has_well_formed_query(text: str) -> bool:
 
 
 def sample(model: Decoder, prompts: list[list[int]], max_new_tokens: int, seed: int,
-           temperature: float = 1.0) -> list[list[int]]:
-    """`max_new_tokens` sampled ids after each prompt (ancestral sampling, no stop)."""
-    lengths = np.array([len(ids) for ids in prompts], np.int32)                # [B]
-    padded = np.zeros((len(prompts), int(lengths.max())), np.int32)             # [B, P]
-    for row, ids in enumerate(prompts):
-        padded[row, :len(ids)] = ids
-    width = padded.shape[1] + max_new_tokens
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, padded, lengths, key):
-        model = nnx.merge(graphdef, state)
-        rows = jnp.arange(padded.shape[0])
-        # Right padding: a row's pad slots in the cache are overwritten by its own new tokens
-        # before any query position reaches them.
-        cache = model.init_cache(padded.shape[0], width)
-        hidden, cache = model.forward_hidden(padded, cache=cache, write_index=jnp.zeros_like(
-            lengths), attend_len=width)                                         # [B, P, E]
-        last_hidden = hidden[rows, lengths - 1]                                 # [B, E]
-
-        def step(carry, step_key):
-            last_hidden, cache, cursor = carry
-            logits = model.logits(last_hidden)                                  # [B, V]
-            token = jax.random.categorical(step_key, logits / temperature)     # [B]
-            hidden, cache = model.forward_hidden(token[:, None].astype(jnp.int32), cache=cache,
-                                                 write_index=cursor, attend_len=width)
-            return (hidden[:, 0], cache, cursor + 1), token
-
-        keys = jax.random.split(key, max_new_tokens)
-        _, tokens = jax.lax.scan(step, (last_hidden, cache, lengths), keys)    # [N, B]
-        return tokens.T
-
-    return np.asarray(run(state, padded, lengths, jax.random.key(seed))).tolist()
+           eos_id: int, temperature: float = 1.0) -> list[list[int]]:
+    """Up to `max_new_tokens` sampled ids after each prompt, ending before `eos_id`."""
+    config = SamplerConfig(max_len=max(map(len, prompts)) + max_new_tokens,
+                           segment_len=max_new_tokens,
+                           select=select.SelectConfig(temperature=temperature))
+    sampler = Sampler(model, config)
+    state = sampler.extend(sampler.init(len(prompts), [eos_id], jax.random.key(seed)), prompts)
+    state, segment = sampler.decode(state)
+    new = sampler.new_tokens(state, segment, range(len(prompts)))
+    return [new[row][0].tolist() for row in range(len(prompts))]
 
 
 def query_rate(model: Decoder, tokenizer, prompts: list[str], max_new_tokens: int,
@@ -64,6 +39,6 @@ def query_rate(model: Decoder, tokenizer, prompts: list[str], max_new_tokens: in
     ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     eos = tokenizer.eos_token_id
     samples = [new[:new.index(eos)] if eos in new else new
-               for new in sample(model, ids, max_new_tokens, seed)]
+               for new in sample(model, ids, max_new_tokens, seed, eos)]
     texts = [tokenizer.decode(new) for new in samples]
     return sum(map(has_well_formed_query, texts)) / len(texts), texts
