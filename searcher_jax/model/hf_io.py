@@ -175,7 +175,7 @@ def load_pretrained(directory, *, mesh: jax.sharding.Mesh | None = None,
 
     expected = {name for name, *_ in tensor_plan(config)}
     unexpected = sorted(set(tensors) - expected)
-    # Tied checkpoints sometimes also store lm_head; it must then equal the embedding.
+    # Tied checkpoints sometimes also store a copy of the embedding as lm_head; it is not read.
     if config.tie_word_embeddings and unexpected == ["lm_head.weight"]:
         unexpected = []
     if unexpected:
@@ -250,7 +250,10 @@ def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHA
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
     directory = epath.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    # On a pod every process gathers each tensor (a collective); only process 0 writes.
+    writer = jax.process_index() == 0
+    if writer:
+        directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     state = nnx.state(model, nnx.Param)
     hf_config = config.to_hf()
@@ -263,7 +266,8 @@ def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHA
         if shard:
             shards.append(list(shard))
             name = f"model-{len(shards):05d}.safetensors.tmp"
-            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            if writer:
+                save_file(shard, str(directory / name), metadata={"format": "pt"})
             shard, shard_bytes = {}, 0
 
     total = 0
@@ -278,6 +282,8 @@ def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHA
         shard_bytes += array.nbytes
         total += array.nbytes
     flush()
+    if not writer:
+        return
 
     weight_map = {}
     for i, names in enumerate(shards, start=1):
