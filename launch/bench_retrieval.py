@@ -1,9 +1,10 @@
 """Retrieval benchmark: ScaNN against faiss-cpu (IndexFlatIP, IndexHNSWFlat) in one run.
 
-  python launch/benchmark.py --suite=retrieval [-- --corpus a.jsonl b.tsv --cache_dir artifacts/bench_retrieval]
+  python launch/benchmark.py --suite=retrieval [-- --sentences --corpus a.jsonl b.tsv --cache_dir ...]
 
 On the same all-MiniLM-L6-v2 embeddings of real passages (default: the reference corpora
-under ../shared/reference/corpus, de-duplicated; pass the world's corpus.jsonl with --corpus)
+under ../shared/reference/corpus, de-duplicated, 14,372 passages; --sentences adds each of
+their sentences as a passage, 67,748 in all; pass other corpora with --corpus)
 and real queries (the queries the released model wrote, reference/corpus/*.questions.jsonl):
 queries/s and recall@10 against exact search for every index setting; the fastest setting of
 ScaNN and of HNSW that reaches the target recall, and their ratio; the latency of a 64-query
@@ -18,6 +19,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -37,6 +39,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target_recall", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best is kept)")
     parser.add_argument("--real_eval", action="store_true")
+    parser.add_argument("--sentences", action="store_true",
+                        help="also index every sentence (>= 5 words) of every passage as a passage of "
+                             "its own, with its title: the 14k reference passages give ~68k real-text ones")
     parser.add_argument("--out", default="", help="write the result JSON here too")
 
 
@@ -60,12 +65,32 @@ def _corpus_passages(args):
             if text not in seen:  # the reference sets share passages; duplicates would tie
                 seen.add(text)
                 yield p
+    if args.sentences:
+        yield from _sentence_passages(_corpus_passages(argparse.Namespace(**{**vars(args), "sentences": False})))
+
+
+def _sentence_passages(passages):
+    """Each sentence of a passage's text, >= 5 words, as a passage with the same title (deduplicated)."""
+    from searcher_jax.retrieval.passage import Passage
+    seen = set()
+    for p in passages:
+        body = p.text if p.format in ("hotpot_abstract", "kilt_100w") else p.render()
+        for i, sentence in enumerate(_SENTENCE_END.split(body.strip())):
+            if len(sentence.split()) >= 5 and (p.title, sentence) not in seen:
+                seen.add((p.title, sentence))
+                yield Passage(id=f"{p.id}{SENTENCE_ID_MARK}{i}", title=p.title, text=" " + sentence, format="hotpot_abstract")
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_ID_MARK = "#sentence-"  # id of a sentence passage: {passage id}#sentence-{i}
 
 
 def _cache_key(args) -> str:
     files = args.corpus or [str(pathlib.Path(args.reference_dir) / "corpus" / f"{s}.corpus.jsonl")
                             for s in REFERENCE_SETS]
     stamp = [(str(f), pathlib.Path(f).stat().st_size) for f in files] + [args.max_length]
+    if args.sentences:
+        stamp.append("sentences")
     return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
 
 
@@ -115,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     tree_index, build_s = dense_index.timed_build(base, dense_index.IndexConfig(kind="tree_ah"))
     tree_bytes = tree_index.save(cache / "scann_tree_ah")
     leaves = dense_index.IndexConfig().leaves(n)
-    for fraction in (0.05, 0.1, 0.2, 0.3, 0.5):
+    for fraction in (0.04, 0.06, 0.08, 0.1, 0.12, 0.13, 0.14, 0.16, 0.2, 0.3):
         to_search = max(1, round(leaves * fraction))
         record("scann_tree_ah", {"leaves": leaves, "leaves_to_search": to_search},
                lambda q, s=to_search: tree_index.search(q, 10, leaves_to_search=s)[0], tree_bytes, build_s)
@@ -149,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         latencies.append(time.perf_counter() - start)
     result = {
         "suite": "retrieval", "corpus": [str(f) for f in (args.corpus or ["reference corpora"])],
+        "sentences_as_passages": args.sentences,
         "passages": n, "dim": dim, "queries": len(queries), "encoder": "all-MiniLM-L6-v2 (JAX)",
         "max_length": args.max_length, "embedding_shards_computed": computed, "encode_s": round(encode_s, 1),
         "rows": rows_out, "target_recall": args.target_recall,
@@ -171,7 +197,8 @@ def real_eval(store, base, reference_dir: pathlib.Path, encoder) -> dict:
     from searcher_jax.retrieval.bm25 import BM25Index
     from searcher_jax.retrieval.retriever import BM25Retriever, DenseRetriever
 
-    rows = [r for r in range(len(store)) if store.get(r).id.startswith("hotpotqa_qwen-")]
+    rows = [r for r in range(len(store)) if store.get(r).id.startswith("hotpotqa_qwen-")
+            and SENTENCE_ID_MARK not in store.get(r).id]
     if not rows:
         return {"skipped": "the corpus holds no hotpotqa_qwen passages (run on the reference corpora)"}
     directory = pathlib.Path(store.directory).parent / "hotpotqa_qwen_store"

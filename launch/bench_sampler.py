@@ -149,14 +149,16 @@ def _matmul_floor(model, batch: int, steps: int):
 
 # --- Ours -------------------------------------------------------------------------------------
 
-def _our_sampler(directory: str, args, scan_layers: bool, max_len: int):
+def _our_sampler(directory: str, args, scan_layers: bool, max_len: int,
+                 copy_scan_layers: bool | None = None):
     from searcher_jax.model import hf_io  # pylint: disable=import-outside-toplevel
     from searcher_jax.sampling import sampler as sampling  # pylint: disable=import-outside-toplevel
     from searcher_jax.sampling import select  # pylint: disable=import-outside-toplevel
     model = hf_io.load_pretrained(directory, dtype="float32", scan_layers=scan_layers)
     config = sampling.SamplerConfig(max_len=max_len, segment_len=args.new_tokens,
                                     select=select.SelectConfig(greedy=True))
-    return model, sampling.Sampler(sampling.sampling_copy(model), config)
+    copy = sampling.sampling_copy(model, scan_layers=copy_scan_layers)
+    return model, sampling.Sampler(copy, config)
 
 
 def _our_generate(smp, prompts: np.ndarray):
@@ -218,11 +220,14 @@ def run(args) -> dict:
               f"{n} new tokens, greedy, fp32", flush=True)
 
         gen_len = p + n
-        layouts = [False] if "scan" in skip else [False, True]
+        # (row, trained with stacked layers, the sampling copy's layout: None = the same)
+        layouts = [("ours_per_layer", False, None)]
+        if "scan" not in skip:
+            layouts += [("ours_scan", True, None), ("ours_scan_trained_per_layer_copy", True, False)]
         ours_tokens = per_layer_model = None
-        for scan in layouts:
-            name = "ours_scan" if scan else "ours_per_layer"
-            model, smp = _our_sampler(directory, args, scan, max_len=gen_len)
+        for name, scan, copy_scan in layouts:
+            model, smp = _our_sampler(directory, args, scan, max_len=gen_len,
+                                      copy_scan_layers=copy_scan)
             per_layer_model = per_layer_model or (None if scan else model)
             ours_tokens = _our_generate(smp, prompts)  # compiles
             report(name, _best_time(lambda: _our_generate(smp, prompts), args.repeats))

@@ -28,13 +28,16 @@ class IndexConfig:
     "brute_force" (exact, as the authors' faiss flat index) or "tree_ah"."""
     kind: str = "auto"
     brute_force_below: int = 20_000
-    num_leaves: int = 0            # 0: about sqrt(N)
-    leaves_to_search_fraction: float = 0.1
+    num_leaves: int = 0            # 0: about 2 sqrt(N)
+    # Real queries (short questions) sit off the passages' distribution: on 68k MiniLM
+    # passages recall@10 0.95 needed about 12% of the leaves searched.
+    leaves_to_search_fraction: float = 0.12
+    spherical: bool = True         # spherical k-means for the tree: unit vectors, dot product
     training_sample_size: int = 250_000
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
     reorder_dtype: str = "float32"  # "float32" | "bfloat16" | "int8" | "none"
-    reorder_neighbors: int = 100
+    reorder_neighbors: int = 50    # 100 gained < 0.001 recall@10 over 50 and cost ~10% q/s
     max_k: int = 100               # the largest k a search may ask for
 
     def __post_init__(self):
@@ -50,7 +53,7 @@ class IndexConfig:
 
     def leaves(self, num_passages: int) -> int:
         # A leaf needs a few dozen points for k-means to be meaningful.
-        wanted = self.num_leaves or int(np.sqrt(num_passages))
+        wanted = self.num_leaves or int(2 * np.sqrt(num_passages))
         return max(1, min(wanted, num_passages // 40))
 
 
@@ -113,7 +116,8 @@ class DenseIndex:
             leaves = cfg.leaves(n)
             leaves_to_search = max(1, int(round(leaves * cfg.leaves_to_search_fraction)))
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=leaves_to_search,
-                                   training_sample_size=min(cfg.training_sample_size, n))
+                                   training_sample_size=min(cfg.training_sample_size, n),
+                                   spherical=cfg.spherical)
             builder = builder.score_ah(cfg.dims_per_block, anisotropic_quantization_threshold=cfg.anisotropic_threshold,
                                        training_sample_size=min(cfg.training_sample_size, n))
             if cfg.reorder_dtype != "none":

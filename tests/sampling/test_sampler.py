@@ -11,18 +11,21 @@ from searcher_jax.sampling import select, state as state_lib, stop_strings
 NO_EOS = [-1]
 
 
-def load(hf_models, name, scan_layers=False, mesh=None):
+def load(hf_models, name, scan_layers=False, mesh=None, copy_scan_layers=None):
     """The sampling copy of a model loaded in the training layout (FSDP) on the same mesh."""
     model = hf_io.load_pretrained(hf_models[name][0], dtype="float32", scan_layers=scan_layers,
                                   mesh=mesh)
-    return sampling.sampling_copy(model, mesh)
+    return sampling.sampling_copy(model, mesh, scan_layers=copy_scan_layers)
 
 
 def make_sampler(model, max_len=64, segment_len=8, stop_table=None, mesh=None,
-                 max_extend_chunk=512, **select_kwargs):
+                 max_extend_chunk=512, min_extend_bucket=16, min_attend_bucket=128,
+                 **select_kwargs):
     config = sampling.SamplerConfig(max_len=max_len, segment_len=segment_len,
                                     select=select.SelectConfig(**select_kwargs),
-                                    max_extend_chunk=max_extend_chunk, record_logits=True)
+                                    max_extend_chunk=max_extend_chunk,
+                                    min_extend_bucket=min_extend_bucket,
+                                    min_attend_bucket=min_attend_bucket, record_logits=True)
     return sampling.Sampler(model, config, stop_table, mesh)
 
 
@@ -31,19 +34,35 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-@pytest.mark.parametrize("name, scan_layers", [("qwen2", False), ("llama", True)])
+# "capped": extend chunks of at most 8 tokens (the 11-token prompt takes two), the
+# whole 64-slot buffer attended. "windowed": a 256-slot buffer of which decode
+# attends a cut-out window of 24 or 48 slots, and a 37-token document that goes
+# in as two chunks (32 + 8) instead of one padded to 64. "restacked": the
+# sampling copy takes the other layer layout than the trained model.
+LAYOUTS = {"capped": {"max_extend_chunk": 8},
+           "windowed": {"max_len": 256, "min_attend_bucket": 16, "min_extend_bucket": 4},
+           "restacked": {"max_extend_chunk": 8}}
+
+
+@pytest.mark.parametrize("name, scan_layers, layout", [("qwen2", False, "capped"),
+                                                       ("llama", True, "capped"),
+                                                       ("qwen2", False, "windowed"),
+                                                       ("llama", True, "restacked"),
+                                                       ("qwen2", False, "restacked")])
 def test_logits_match_transformers_through_pause_extend_resume(hf_models, prompts, name,
-                                                               scan_layers):
+                                                               scan_layers, layout):
     hf_model = hf_models[name][1]
-    # Chunks of at most 8 tokens: the 11-token prompt and 13-token document take two.
-    smp = make_sampler(load(hf_models, name, scan_layers), max_extend_chunk=8, temperature=1.0,
-                       top_p=0.9)
+    copy_scan = (not scan_layers) if layout == "restacked" else None
+    model = load(hf_models, name, scan_layers, copy_scan_layers=copy_scan)
+    assert model.config.scan_layers == (scan_layers if copy_scan is None else copy_scan)
+    smp = make_sampler(model, temperature=1.0, top_p=0.9, **LAYOUTS[layout])
     state = smp.init(len(prompts), NO_EOS, jax.random.key(0))
     state = smp.extend(state, prompts)
     texts = [list(p) for p in prompts]
     rng = np.random.RandomState(1)
+    doc_lengths = (5, 0, 37) if layout == "windowed" else (5, 0, 13)
     # Segment, then documents of unequal lengths (none for row 1), then another segment.
-    for docs in (None, [rng.randint(2, VOCAB, n).tolist() for n in (5, 0, 13)]):
+    for docs in (None, [rng.randint(2, VOCAB, n).tolist() for n in doc_lengths]):
         if docs is not None:
             state = smp.extend(state, docs)
             texts = [t + d for t, d in zip(texts, docs)]
@@ -187,8 +206,8 @@ def test_rollout_compiles_a_fixed_small_number_of_programs(hf_models, prompts):
     assert len({int(n) for n in lengths.ravel()}) > 10  # many distinct chunk lengths...
     assert segment.cursor.max() > 128  # ...and the rows cross an attention bucket
     # Extend: chunk buckets {16, 32, 64} x attention buckets {128, 256} at most;
-    # decode: the two attention buckets; init and the token window: one each.
-    assert smp.num_compiled <= 10, smp.traces
+    # decode: attention buckets {128, 192, 256}; init and the token window: one each.
+    assert smp.num_compiled <= 11, smp.traces
     compiled = smp.num_compiled
     rollout(lengths)
     assert smp.num_compiled == compiled  # the same shapes never compile again
@@ -233,3 +252,26 @@ def test_rows_that_fill_the_buffer_are_truncated(hf_models, prompts):
     assert np.asarray(state.tokens)[1, 12:].tolist() == [3, 3, 3, 3]
     with pytest.raises(ValueError, match="extend got 2 rows"):
         smp.extend(state, [[1], [2]])
+
+
+@pytest.mark.parametrize("remaining", [1, 15, 16, 17, 40, 65, 100, 129, 300, 511, 512, 600, 1300])
+def test_extend_chunks_cover_the_tokens_with_little_padding(remaining):
+    chunks, left = [], remaining
+    while left > 0:
+        chunks.append(sampling.extend_chunk(left, 16, 512))
+        left -= chunks[-1]
+    assert all(c in (16, 32, 64, 128, 256, 512) for c in chunks)  # the compiled shapes
+    one_bucket = sum(sampling.power_of_two_bucket(min(left, 512), 16, 512)
+                     for left in range(remaining, 0, -512))
+    assert sum(chunks) <= one_bucket  # never pads more than power-of-two buckets
+    assert sum(chunks) - remaining < max(64, remaining // 4)
+
+
+def test_attend_buckets_hold_the_reach_and_waste_at_most_a_third():
+    sizes = {sampling.attend_bucket(n, 128, 8192) for n in range(1, 8193)}
+    assert sorted(sizes) == [128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144,
+                             8192]
+    for n in range(129, 8193, 7):
+        bucket = sampling.attend_bucket(n, 128, 8192)
+        assert n <= bucket < 1.5 * n
+    assert sampling.attend_bucket(1476, 128, 1476) == 1476  # capped at the buffer
