@@ -37,7 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder_batch_size", type=int, default=64)
     parser.add_argument("--num_queries", type=int, default=2000)
     parser.add_argument("--target_recall", type=float, default=0.95)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per setting (best is kept)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed passes per setting (best is kept)")
     parser.add_argument("--real_eval", action="store_true")
     parser.add_argument("--sentences", action="store_true",
                         help="also index every sentence (>= 5 words) of every passage as a passage of "
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     tree_index, build_s = dense_index.timed_build(base, dense_index.IndexConfig(kind="tree_ah"))
     tree_bytes = tree_index.save(cache / "scann_tree_ah")
     leaves = dense_index.IndexConfig().leaves(n)
-    for fraction in (0.04, 0.06, 0.08, 0.1, 0.12, 0.13, 0.14, 0.16, 0.2, 0.3):
+    for fraction in (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.16):
         to_search = max(1, round(leaves * fraction))
         record("scann_tree_ah", {"leaves": leaves, "leaves_to_search": to_search},
                lambda q, s=to_search: tree_index.search(q, 10, leaves_to_search=s)[0], tree_bytes, build_s)

@@ -30,9 +30,13 @@ class IndexConfig:
     brute_force_below: int = 20_000
     num_leaves: int = 0            # 0: about 2 sqrt(N)
     # Real queries (short questions) sit off the passages' distribution: on 68k MiniLM
-    # passages recall@10 0.95 needed about 12% of the leaves searched.
-    leaves_to_search_fraction: float = 0.12
+    # passages recall@10 0.95 needed about 13% of the leaves searched, or 6% with SOAR.
+    leaves_to_search_fraction: float = 0.06
     spherical: bool = True         # spherical k-means for the tree: unit vectors, dot product
+    # SOAR: each passage also goes to a second leaf chosen to cover the first one's
+    # residual error (AH codes stored twice); on that corpus it cut the leaves needed in half.
+    soar_lambda: float | None = 1.5
+    avq: float | None = 2.5        # anisotropic (score-aware) tree centroids
     training_sample_size: int = 250_000
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
@@ -62,15 +66,19 @@ def planned_bytes_per_passage(dim: int, cfg: IndexConfig, num_passages: int) -> 
     if cfg.resolved_kind(num_passages) == "brute_force":
         return 4.0 * dim
     reorder = REORDER_BYTES_PER_DIM[cfg.reorder_dtype] * dim + (4 if cfg.reorder_dtype == "int8" else 0)
-    return dim / cfg.dims_per_block + reorder + 4  # + the leaf id of each point
+    leaves = 1 if cfg.soar_lambda is None else 2  # SOAR stores a point's code in two leaves
+    return leaves * (dim / cfg.dims_per_block + 4) + reorder  # codes + the point's id per leaf
 
 
 def layout_for_budget(num_passages: int, dim: int, budget_bytes: float,
                       base: IndexConfig = IndexConfig()) -> IndexConfig:
     """The most accurate layout whose planned size fits the budget; raises if none does."""
     candidates = [dataclasses.replace(base, kind="brute_force")] if num_passages < base.brute_force_below else []
-    candidates += [dataclasses.replace(base, kind="tree_ah", reorder_dtype=r)
-                   for r in ("float32", "bfloat16", "int8", "none")]
+    # Exact reordering decides the final top-k, so it keeps its precision before SOAR's
+    # second copy of the codes is kept.
+    soar = [base.soar_lambda, None] if base.soar_lambda is not None else [None]
+    candidates += [dataclasses.replace(base, kind="tree_ah", reorder_dtype=r, soar_lambda=s)
+                   for r in ("float32", "bfloat16", "int8", "none") for s in soar]
     for cfg in candidates:
         if planned_bytes_per_passage(dim, cfg, num_passages) * num_passages <= budget_bytes:
             return cfg
@@ -117,7 +125,8 @@ class DenseIndex:
             leaves_to_search = max(1, int(round(leaves * cfg.leaves_to_search_fraction)))
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=leaves_to_search,
                                    training_sample_size=min(cfg.training_sample_size, n),
-                                   spherical=cfg.spherical)
+                                   spherical=cfg.spherical, soar_lambda=cfg.soar_lambda,
+                                   avq=cfg.avq)
             builder = builder.score_ah(cfg.dims_per_block, anisotropic_quantization_threshold=cfg.anisotropic_threshold,
                                        training_sample_size=min(cfg.training_sample_size, n))
             if cfg.reorder_dtype != "none":
