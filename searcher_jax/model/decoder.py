@@ -21,7 +21,9 @@ from flax import nnx
 
 from searcher_jax.model.config import ModelConfig
 
-Cache = Any  # Per layer {"k", "v"}: [B, K, S, D]; stacked as [L, B, K, S, D] under scan.
+# Per layer {"k": [B, K, D, S], "v": [B, K, S, D]}; stacked with a leading [L] under scan.
+Cache = Any
+CACHE_SLOT_AXIS = {"k": -1, "v": -2}  # where the slots (S) sit in each cache array
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, stack: int | None, init: str = "normal"):
@@ -74,20 +76,21 @@ def apply_rope(x, positions, inv_freq):
 
 
 def attend(q, k, v, mask):
-    """Grouped-query attention. q [B,T,N,D], k/v [B,K,S,D], mask [B,T,S] -> [B,T,N,D].
+    """Grouped-query attention. q [B,T,N,D], k [B,K,D,S], v [B,K,S,D], mask [B,T,S] -> [B,T,N,D].
 
-    Keys and values are heads-major ([B,K,S,D], the cache's layout) and each
-    KV head's queries are one [T*G, D] matrix, so both contractions are plain
-    4-D batched matmuls over (B, K) that read the cache in place: on XLA CPU a
-    [B,S,K,D] cache made each decode step re-lay the attended cache out, and a
-    5-D einsum with a separate T axis cost a fifth more per decode step.
+    The cache's layouts: heads-major, keys transposed. Each KV head's queries
+    are one [T*G, D] matrix, so both contractions are plain [M, D] x [D, S] and
+    [M, S] x [S, D] batched matmuls over (B, K) that read the cache in place.
+    On XLA CPU, keys stored [S, D] made the scores 3x slower at 1,476 slots
+    (the decode step is bound by reading the cache), and a [B,S,K,D] cache
+    re-laid the whole attended cache out on every step.
     """
     b, t, n, d = q.shape
     kv_heads = k.shape[1]
     group = n // kv_heads
     q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)  # [B,K,T,G,D]
     q = q.reshape(b, kv_heads, t * group, d)  # row m of a head's queries: token m // G
-    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(d)
     mask = jnp.repeat(mask, group, axis=1)[:, None]  # [B,1,T*G,S]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
@@ -133,23 +136,56 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache is None:
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,D]
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
         else:
-            cache = {"k": _write(cache["k"], k, write_index),
-                     "v": _write(cache["v"], v, write_index)}
+            cache = {"k": _write_keys(cache["k"], k, write_index),
+                     "v": _write_values(cache["v"], v, write_index)}
             attend_len = mask.shape[-1]
-            k, v = cache["k"][:, :, :attend_len], cache["v"][:, :, :attend_len]
+            k, v = cache["k"][..., :attend_len], cache["v"][:, :, :attend_len]
         out = attend(q, k, v, mask).reshape(b, t, n * d)
         return out @ self.o_proj[...].reshape(n * d, e).astype(dtype), cache
 
 
-def _write(buffer, new, write_index):
-    """Writes new [B,T,K,D] into buffer [B,K,S,D] at slots write_index[b] + t (past S: dropped)."""
+def _slots(new, write_index):
     b, t = new.shape[:2]
-    slots = write_index[:, None] + jnp.arange(t)[None, :]
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    # Two index arrays around a slice: the update's dims are [B, T, K, D].
+    slots = write_index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    return jnp.broadcast_to(jnp.arange(b)[:, None], (b, t)), slots
+
+
+def _write_values(buffer, new, write_index):
+    """Writes new [B,T,K,D] into buffer [B,K,S,D] at slots write_index[b] + t (past S: dropped)."""
+    rows, slots = _slots(new, write_index)
+    # Index arrays around slices: the update's dims are [B, T, K, D].
     return buffer.at[rows, :, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+def _write_keys(buffer, new, write_index):
+    """Writes new [B,T,K,D] into buffer [B,K,D,S] at slots write_index[b] + t (past S: dropped)."""
+    rows, slots = _slots(new, write_index)
+    return buffer.at[rows, :, :, slots].set(new.astype(buffer.dtype), mode="drop")
+
+
+def _slot_axis(path) -> int:
+    return CACHE_SLOT_AXIS[path[-1].key]
+
+
+def cache_slots(cache: Cache) -> int:
+    """S: how many token slots the cache holds."""
+    keys = cache["k"] if isinstance(cache, dict) else cache[0]["k"]
+    return keys.shape[CACHE_SLOT_AXIS["k"]]
+
+
+def cache_window(cache: Cache, length: int) -> Cache:
+    """The first `length` slots of every cache array (a copy)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, c: jax.lax.slice_in_dim(c, 0, length, axis=c.ndim + _slot_axis(path)), cache)
+
+
+def write_cache_window(cache: Cache, window: Cache) -> Cache:
+    """cache with its first slots replaced by window's (in place when cache is donated)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, full, part: jax.lax.dynamic_update_slice_in_dim(
+            full, part, 0, axis=full.ndim + _slot_axis(path)), cache, window)
 
 
 class MLP(nnx.Module):
@@ -212,20 +248,21 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens."""
         cfg = self.config
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         dtype = dtype or self.compute_dtype
+        stack = (cfg.num_layers,) if cfg.scan_layers else ()
+        layer = {"k": jnp.zeros((*stack, batch, cfg.num_kv_heads, cfg.head_dim, max_len), dtype),
+                 "v": jnp.zeros((*stack, batch, cfg.num_kv_heads, max_len, cfg.head_dim), dtype)}
         if cfg.scan_layers:
-            shape = (cfg.num_layers, *shape)
-            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-                     for _ in range(cfg.num_layers))
+            return layer
+        return tuple(dict(layer) for _ in range(cfg.num_layers))
 
     def cache_logical_axes(self):
         """The cache's pytree with each leaf replaced by its logical axis names (for sharding)."""
-        axes = ("batch", "kv_heads", "cache_len", "head_dim")
+        layer = {"k": ("batch", "kv_heads", "head_dim", "cache_len"),
+                 "v": ("batch", "kv_heads", "cache_len", "head_dim")}
         if self.config.scan_layers:
-            return {"k": ("layers", *axes), "v": ("layers", *axes)}
-        return tuple({"k": axes, "v": axes} for _ in range(self.config.num_layers))
+            return {name: ("layers", *axes) for name, axes in layer.items()}
+        return tuple(dict(layer) for _ in range(self.config.num_layers))
 
     def forward_hidden(self, tokens, positions=None, lengths=None, cache: Cache | None = None,
                        write_index=None, attend_len: int | None = None):
@@ -251,7 +288,7 @@ class Decoder(nnx.Module):
                 mask = mask & (key_slots[None, None, :] < lengths[:, None, None])
             mask = jnp.broadcast_to(mask, (b, t, t))
         else:
-            max_len = jax.tree.leaves(cache)[0].shape[-2]
+            max_len = cache_slots(cache)
             attend_len = max_len if attend_len is None else min(attend_len, max_len)
             key_slots = jnp.arange(attend_len)
             mask = key_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]

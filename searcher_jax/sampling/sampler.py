@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from searcher_jax.model import sharding
-from searcher_jax.model.decoder import Decoder
+from searcher_jax.model.decoder import Decoder, cache_window, write_cache_window
 from searcher_jax.sampling import select
 from searcher_jax.sampling.state import (FINISHED, PAUSED, RUNNING, STATUS_NAMES, TRUNCATED,
                                          SamplingState, init_state)
@@ -207,15 +207,11 @@ def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config
     # every token and layer.
     full_cache = state.cache
     if attend_len < max_len:
-        state = state.replace(cache=jax.tree.map(
-            lambda c: jax.lax.slice_in_dim(c, 0, attend_len, axis=c.ndim - 2), full_cache))
+        state = state.replace(cache=cache_window(full_cache, attend_len))
     state = state.replace(segment_start=state.cursor)
     _, state, record = jax.lax.while_loop(cond, body, (jnp.int32(0), state, record))
     if attend_len < max_len:
-        state = state.replace(cache=jax.tree.map(
-            lambda full, window: jax.lax.dynamic_update_slice_in_dim(full, window, 0,
-                                                                     axis=full.ndim - 2),
-            full_cache, state.cache))
+        state = state.replace(cache=write_cache_window(full_cache, state.cache))
     return state, record
 
 
