@@ -55,18 +55,28 @@ def _timed_qps(search, queries, repeats):
     return rows, len(queries) / best
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_ID_MARK = "#sentence-"  # id of a sentence passage: {passage id}#sentence-{i}
+
+
+def _corpus_files(args) -> list:
+    return args.corpus or [pathlib.Path(args.reference_dir) / "corpus" / f"{s}.corpus.jsonl"
+                           for s in REFERENCE_SETS]
+
+
 def _corpus_passages(args):
+    """The corpus files' passages, de-duplicated, then (--sentences) their sentences."""
     from searcher_jax.retrieval import corpus_formats
-    files = args.corpus or [pathlib.Path(args.reference_dir) / "corpus" / f"{s}.corpus.jsonl" for s in REFERENCE_SETS]
-    seen = set()
-    for path in files:
+    passages, seen = [], set()
+    for path in _corpus_files(args):
         for p in corpus_formats.read_corpus(path):
             text = p.render()
             if text not in seen:  # the reference sets share passages; duplicates would tie
                 seen.add(text)
-                yield p
+                passages.append(p)
+    yield from passages
     if args.sentences:
-        yield from _sentence_passages(_corpus_passages(argparse.Namespace(**{**vars(args), "sentences": False})))
+        yield from _sentence_passages(passages)
 
 
 def _sentence_passages(passages):
@@ -81,14 +91,8 @@ def _sentence_passages(passages):
                 yield Passage(id=f"{p.id}{SENTENCE_ID_MARK}{i}", title=p.title, text=" " + sentence, format="hotpot_abstract")
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-SENTENCE_ID_MARK = "#sentence-"  # id of a sentence passage: {passage id}#sentence-{i}
-
-
 def _cache_key(args) -> str:
-    files = args.corpus or [str(pathlib.Path(args.reference_dir) / "corpus" / f"{s}.corpus.jsonl")
-                            for s in REFERENCE_SETS]
-    stamp = [(str(f), pathlib.Path(f).stat().st_size) for f in files] + [args.max_length]
+    stamp = [(str(f), pathlib.Path(f).stat().st_size) for f in _corpus_files(args)] + [args.max_length]
     if args.sentences:
         stamp.append("sentences")
     return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
@@ -197,8 +201,8 @@ def real_eval(store, base, reference_dir: pathlib.Path, encoder) -> dict:
     from searcher_jax.retrieval.bm25 import BM25Index
     from searcher_jax.retrieval.retriever import BM25Retriever, DenseRetriever
 
-    rows = [r for r in range(len(store)) if store.get(r).id.startswith("hotpotqa_qwen-")
-            and SENTENCE_ID_MARK not in store.get(r).id]
+    ids = [store.get(r).id for r in range(len(store))]
+    rows = [r for r, i in enumerate(ids) if i.startswith("hotpotqa_qwen-") and SENTENCE_ID_MARK not in i]
     if not rows:
         return {"skipped": "the corpus holds no hotpotqa_qwen passages (run on the reference corpora)"}
     directory = pathlib.Path(store.directory).parent / "hotpotqa_qwen_store"

@@ -11,6 +11,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 
 from searcher_jax.synthetic import build as world_build
+from tests.hf_reference import make_hf_model
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE_DIR = pathlib.Path(
@@ -43,3 +44,18 @@ def world_model_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def world_paths(world_model_dir) -> world_build.WorldPaths:
     return world_build.WorldPaths(world_model_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """name -> (directory, torch model), written once per session: qwen2 (tied), qwen3,
+    llama (untied, llama3 RoPE), and llama_margin (lm_head scaled x40, so greedy argmaxes
+    are far from ties)."""
+    out = {}
+    for name, kind, scale in (("qwen2", "qwen2", 1.0), ("qwen3", "qwen3", 1.0),
+                              ("llama", "llama", 1.0), ("llama_margin", "llama", 40.0)):
+        directory = tmp_path_factory.mktemp(f"hf_{name}")
+        model = make_hf_model(kind, head_scale=scale)
+        model.save_pretrained(directory)
+        out[name] = (directory, model)
+    return out

@@ -150,8 +150,8 @@ class Attention(nnx.Module):
         else:
             cache = {"k": _write_keys(cache["k"], k, write_index),
                      "v": _write_values(cache["v"], v, write_index)}
-            attend_len = mask.shape[-1]
-            k, v = cache["k"][..., :attend_len], cache["v"][:, :, :attend_len]
+            window = cache_window(cache, mask.shape[-1])
+            k, v = window["k"], window["v"]
         out = attend(q, k, v, mask, keys_transposed=cache is not None).reshape(b, t, n * d)
         return out @ self.o_proj[...].reshape(n * d, e).astype(dtype), cache
 
@@ -260,11 +260,13 @@ class Decoder(nnx.Module):
         cfg = self.config
         dtype = dtype or self.compute_dtype
         stack = (cfg.num_layers,) if cfg.scan_layers else ()
-        layer = {"k": jnp.zeros((*stack, batch, cfg.num_kv_heads, cfg.head_dim, max_len), dtype),
-                 "v": jnp.zeros((*stack, batch, cfg.num_kv_heads, max_len, cfg.head_dim), dtype)}
-        if cfg.scan_layers:
-            return layer
-        return tuple(dict(layer) for _ in range(cfg.num_layers))
+
+        def layer():
+            k_heads, d = cfg.num_kv_heads, cfg.head_dim
+            return {"k": jnp.zeros((*stack, batch, k_heads, d, max_len), dtype),
+                    "v": jnp.zeros((*stack, batch, k_heads, max_len, d), dtype)}
+
+        return layer() if cfg.scan_layers else tuple(layer() for _ in range(cfg.num_layers))
 
     def cache_logical_axes(self):
         """The cache's pytree with each leaf replaced by its logical axis names (for sharding)."""

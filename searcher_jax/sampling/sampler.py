@@ -89,17 +89,17 @@ def extend_chunk(remaining: int, minimum: int, maximum: int) -> int:
 
 
 def attend_bucket(n: int, minimum: int, maximum: int) -> int:
-    """The smallest minimum * 2^i or minimum * 3 * 2^(i-1) >= n, capped at maximum.
+    """power_of_two_bucket(n, minimum, maximum), or three quarters of it when that holds n.
 
     A decode step reads every attended cache slot, so the bucket's slack is
     paid on every token: steps of 1.5x and 1.33x waste at most a third, where
-    powers of two waste up to half, for one more compiled program per doubling.
+    powers of two waste up to half, for one more compiled program per doubling
+    (and one for three quarters of the cap).
     """
     size = power_of_two_bucket(n, minimum, maximum)
-    three_quarters = size * 3 // 4
-    if size > minimum and three_quarters >= n and three_quarters >= minimum:
-        size = three_quarters
-    return min(size, maximum)
+    if size > minimum and size * 3 // 4 >= n:
+        return size * 3 // 4
+    return size
 
 
 # --- Pure programs ----------------------------------------------------------------------------
@@ -393,15 +393,15 @@ class Sampler:
         while start < longest:
             step = extend_chunk(longest - start, self.config.min_extend_bucket,
                                 self.config.max_extend_chunk)
-            state = self._extend_chunk(state, [row[start:start + step] for row in rows])
+            state = self._extend_chunk(state, [row[start:start + step] for row in rows], step)
             start += step
         return state
 
-    def _extend_chunk(self, state: SamplingState, rows: list[np.ndarray]) -> SamplingState:
+    def _extend_chunk(self, state: SamplingState, rows: list[np.ndarray],
+                      chunk: int) -> SamplingState:
+        """Writes rows (each at most `chunk` tokens) as one [B, chunk] padded call."""
         batch, max_len = state.tokens.shape
         lengths = np.array([len(r) for r in rows], np.int32)
-        chunk = power_of_two_bucket(int(lengths.max()), self.config.min_extend_bucket,
-                                    self.config.max_extend_chunk)
         tokens = np.zeros((batch, chunk), np.int32)
         for b, row in enumerate(rows):
             tokens[b, :len(row)] = row

@@ -1,24 +1,12 @@
-"""Tiny random HF checkpoints (PyTorch), written once per session."""
+"""A padded batch for the model tests (the tiny HF checkpoints are `hf_models`)."""
 import numpy as np
 import pytest
 
-from tests.hf_reference import VOCAB, make_hf_model
+from tests.hf_reference import VOCAB
 
 # Unequal lengths in one right-padded batch; 40 positions go past the Llama
 # config's original_max_position_embeddings (16), where llama3 scaling acts.
 BATCH_LENGTHS = (40, 25, 7)
-
-
-@pytest.fixture(scope="session")
-def hf_checkpoints(tmp_path_factory):
-    """kind -> (directory, torch model) for qwen2, qwen3 and llama."""
-    out = {}
-    for kind in ("qwen2", "qwen3", "llama"):
-        directory = tmp_path_factory.mktemp(f"hf_{kind}")
-        model = make_hf_model(kind)
-        model.save_pretrained(directory)
-        out[kind] = (directory, model)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -17,10 +17,10 @@ from tests.model.conftest import max_valid_diff, torch_logits
 
 
 @pytest.mark.parametrize("kind,scan_layers", [("qwen2", True), ("llama", False), ("qwen3", True)])
-def test_export_loads_in_transformers_with_same_logits(hf_checkpoints, padded_batch, tmp_path,
+def test_export_loads_in_transformers_with_same_logits(hf_models, padded_batch, tmp_path,
                                                        kind, scan_layers):
     import transformers
-    directory, _ = hf_checkpoints[kind]
+    directory, _ = hf_models[kind]
     tokens, lengths = padded_batch
     model = hf_io.load_pretrained(directory, scan_layers=scan_layers)
     ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(lengths)))
@@ -29,8 +29,8 @@ def test_export_loads_in_transformers_with_same_logits(hf_checkpoints, padded_ba
     assert max_valid_diff(torch_logits(reloaded, tokens, lengths), ours, lengths) < 1e-4
 
 
-def test_export_in_shards_with_index_round_trips(hf_checkpoints, padded_batch, tmp_path):
-    directory, _ = hf_checkpoints["llama"]
+def test_export_in_shards_with_index_round_trips(hf_models, padded_batch, tmp_path):
+    directory, _ = hf_models["llama"]
     tokens, _ = padded_batch
     model = hf_io.load_pretrained(directory)
     hf_io.save_pretrained(model, tmp_path, max_shard_bytes=40_000)
@@ -48,8 +48,8 @@ def _copy_checkpoint(src, dst) -> pathlib.Path:
     return dst
 
 
-def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
-    directory = _copy_checkpoint(hf_checkpoints["qwen2"][0], tmp_path / "ckpt")
+def test_missing_tensor_is_named(hf_models, tmp_path):
+    directory = _copy_checkpoint(hf_models["qwen2"][0], tmp_path / "ckpt")
     tensors = load_file(directory / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, directory / "model.safetensors")
@@ -57,8 +57,8 @@ def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
         hf_io.load_pretrained(directory)
 
 
-def test_unexpected_tensor_is_named(hf_checkpoints, tmp_path):
-    directory = _copy_checkpoint(hf_checkpoints["llama"][0], tmp_path / "ckpt")
+def test_unexpected_tensor_is_named(hf_models, tmp_path):
+    directory = _copy_checkpoint(hf_models["llama"][0], tmp_path / "ckpt")
     tensors = load_file(directory / "model.safetensors")
     tensors["model.layers.0.self_attn.rotary_extra"] = np.zeros(3, np.float32)
     save_file(tensors, directory / "model.safetensors")
@@ -66,8 +66,8 @@ def test_unexpected_tensor_is_named(hf_checkpoints, tmp_path):
         hf_io.load_pretrained(directory)
 
 
-def test_shape_mismatch_names_tensor_and_both_shapes(hf_checkpoints, tmp_path):
-    directory = _copy_checkpoint(hf_checkpoints["qwen2"][0], tmp_path / "ckpt")
+def test_shape_mismatch_names_tensor_and_both_shapes(hf_models, tmp_path):
+    directory = _copy_checkpoint(hf_models["qwen2"][0], tmp_path / "ckpt")
     config = json.loads((directory / "config.json").read_text())
     config["intermediate_size"] = 80
     (directory / "config.json").write_text(json.dumps(config))
@@ -76,8 +76,8 @@ def test_shape_mismatch_names_tensor_and_both_shapes(hf_checkpoints, tmp_path):
         hf_io.load_pretrained(directory)
 
 
-def test_unsupported_model_type_and_rope_type(hf_checkpoints, tmp_path):
-    directory = _copy_checkpoint(hf_checkpoints["llama"][0], tmp_path / "ckpt")
+def test_unsupported_model_type_and_rope_type(hf_models, tmp_path):
+    directory = _copy_checkpoint(hf_models["llama"][0], tmp_path / "ckpt")
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
     with pytest.raises(ValueError, match=r"unsupported model_type 'mistral'"):

@@ -9,8 +9,8 @@ from tests.model.conftest import max_valid_diff, torch_logits
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
-def test_logits_match_transformers(hf_checkpoints, padded_batch, kind, scan_layers):
-    directory, torch_model = hf_checkpoints[kind]
+def test_logits_match_transformers(hf_models, padded_batch, kind, scan_layers):
+    directory, torch_model = hf_models[kind]
     tokens, lengths = padded_batch
     expected = torch_logits(torch_model, tokens, lengths)
     model = hf_io.load_pretrained(directory, scan_layers=scan_layers)
@@ -19,8 +19,8 @@ def test_logits_match_transformers(hf_checkpoints, padded_batch, kind, scan_laye
     assert max_valid_diff(got, expected, lengths) < 1e-4
 
 
-def test_padding_never_changes_a_rows_logits(hf_checkpoints, padded_batch):
-    directory, _ = hf_checkpoints["qwen2"]
+def test_padding_never_changes_a_rows_logits(hf_models, padded_batch):
+    directory, _ = hf_models["qwen2"]
     tokens, lengths = padded_batch
     model = hf_io.load_pretrained(directory)
     batched = np.asarray(model(jnp.asarray(tokens), jnp.asarray(lengths)))
@@ -29,8 +29,8 @@ def test_padding_never_changes_a_rows_logits(hf_checkpoints, padded_batch):
         np.testing.assert_allclose(batched[row, :n], alone[0], atol=1e-5)
 
 
-def test_bf16_compute_keeps_fp32_params_and_stays_close(hf_checkpoints, padded_batch):
-    directory, _ = hf_checkpoints["llama"]
+def test_bf16_compute_keeps_fp32_params_and_stays_close(hf_models, padded_batch):
+    directory, _ = hf_models["llama"]
     tokens, lengths = padded_batch
     fp32 = np.asarray(hf_io.load_pretrained(directory)(jnp.asarray(tokens)))
     model = hf_io.load_pretrained(directory, dtype="bfloat16")
@@ -41,8 +41,8 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close(hf_checkpoints, padded_b
     assert 0 < diff < 0.1 * np.abs(fp32).max()
 
 
-def test_remat_gives_the_same_logits(hf_checkpoints, padded_batch):
-    directory, _ = hf_checkpoints["qwen3"]
+def test_remat_gives_the_same_logits(hf_models, padded_batch):
+    directory, _ = hf_models["qwen3"]
     tokens, lengths = padded_batch
     plain = np.asarray(hf_io.load_pretrained(directory)(jnp.asarray(tokens)))
     remat = np.asarray(hf_io.load_pretrained(directory, remat=True, scan_layers=True)(

@@ -1,25 +1,12 @@
-"""Tiny random HF models (PyTorch) and their JAX twins, built once per session."""
+"""Prompts, reference logits and the Qwen tokenizer for the sampler tests (the tiny HF
+models are the session fixture `hf_models` in tests/conftest.py)."""
 import numpy as np
 import pytest
 
-from tests.hf_reference import VOCAB, make_hf_model
+from tests.hf_reference import VOCAB
 
 # A right-padded batch of unequal prompt lengths.
 PROMPT_LENGTHS = (11, 4, 7)
-
-
-@pytest.fixture(scope="session")
-def hf_models(tmp_path_factory):
-    """name -> (directory, torch model): qwen2 (tied), llama (untied, llama3 RoPE), and
-    llama_margin (lm_head scaled x40, so greedy argmaxes are far from ties)."""
-    out = {}
-    for name, kind, scale in (("qwen2", "qwen2", 1.0), ("llama", "llama", 1.0),
-                              ("llama_margin", "llama", 40.0)):
-        directory = tmp_path_factory.mktemp(f"hf_{name}")
-        model = make_hf_model(kind, head_scale=scale)
-        model.save_pretrained(directory)
-        out[name] = (directory, model)
-    return out
 
 
 @pytest.fixture(scope="session")
