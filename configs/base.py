@@ -1,16 +1,20 @@
 """The released Qwen2.5-7B recipe (SPEC sections 2-4): every part's static configuration.
 
 Stage configs and the demo start from this and change what differs. Each
-section mirrors one part's frozen dataclass (see searcher_jax/run_config.py).
+section mirrors one part's frozen dataclass (see searcher_jax/run_config.py);
+paths (model.hf_dir, data.*_file, retriever.index_dir) are the user's to give.
 """
 import ml_collections
 
 from searcher_jax import run_config
+from searcher_jax.data.config import DataConfig
 from searcher_jax.retrieval.retriever import RetrieverConfig
 from searcher_jax.rl.config import RLConfig
 from searcher_jax.rl.rewards import RewardConfig
+from searcher_jax.rollout import RolloutConfig
 from searcher_jax.sampling.sampler import SamplerConfig
 from searcher_jax.sampling.select import SelectConfig
+from searcher_jax.trainer import TrainConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -21,9 +25,20 @@ def get_config() -> ml_collections.ConfigDict:
     # prompt, 9 segments and 8 document blocks (about 8.5k tokens).
     config.sampler = {**run_config.defaults(SamplerConfig), **run_config.defaults(SelectConfig),
                       "max_len": 8704, "segment_len": 512, "temperature": 1.0, "top_p": 0.95}
-    config.retriever = {**run_config.defaults(RetrieverConfig), "k": 3}
+    config.retriever = run_config.defaults(RetrieverConfig)
+    # 8 retrievals and top-3 in training; 9 and top-5 in evaluation (greedy).
+    config.rollout = {**run_config.defaults(RolloutConfig), "max_retrievals": 8, "top_k": 3}
+    config.eval_rollout = {"max_retrievals": 9, "top_k": 5}
+    # total_steps 0: the cosine schedule spans the run's optimizer steps.
     config.rl = {**run_config.defaults(RLConfig), "estimator": "reinforce_baseline",
-                 "kl_coef": 0.0, "samples_per_prompt": 16, "mini_batch_size": 256}
+                 "kl_coef": 0.0, "samples_per_prompt": 16, "mini_batch_size": 256,
+                 "total_steps": 0}
     config.reward = {**run_config.defaults(RewardConfig), "recipe": "answer",
                      "answer_metric": "f1", "format_penalty": -2.0}
+    config.data = {**run_config.defaults(DataConfig), "prompt_style": "base",
+                   "max_prompt_len": 1024}
+    # 64 prompts x 16 samples = 1,024 rollouts a step, 4 optimizer steps of 256.
+    config.train = {**run_config.defaults(TrainConfig), "prompts_per_step": 64}
+    # dir set: build the embedded synthetic world there and use it (configs/demo.py).
+    config.world = dict(dir="", preset="demo")
     return ml_collections.ConfigDict(config)

@@ -1,7 +1,8 @@
 """From an ml_collections run config (configs/*.py) to the frozen dataclasses of each part.
 
 A run config has one section per part: `model`, `mesh`, `sampler`, `retriever`,
-`rl` and `reward`. Each section's keys are the fields of that part's static
+`rollout`, `eval_rollout`, `rl`, `reward`, `data` and `train` (plus `world`, which
+builds the embedded synthetic world and points the others at it). Each section's keys are the fields of that part's static
 configuration, so `--config.rl.estimator=grpo` reaches `RLConfig.estimator`
 and a misspelt key fails here with the section and the valid names.
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from searcher_jax.data.config import DataConfig
 from searcher_jax.retrieval.retriever import RetrieverConfig
 from searcher_jax.rl.config import RLConfig
 from searcher_jax.rl.rewards import RewardConfig
+from searcher_jax.rollout import RolloutConfig
 from searcher_jax.sampling.sampler import SamplerConfig
 from searcher_jax.sampling.select import SelectConfig
 
@@ -48,8 +51,30 @@ def retriever_config(config) -> RetrieverConfig:
     return build(RetrieverConfig, config.retriever, "retriever")
 
 
-def rl_config(config) -> RLConfig:
-    return build(RLConfig, config.rl, "rl")
+def rl_config(config, rollout_steps: int | None = None) -> RLConfig:
+    """RLConfig; total_steps 0 means the optimizer steps of `rollout_steps` rollout batches of
+    config.train.prompts_per_step prompts (the schedule spans the run)."""
+    section = dict(config.rl)
+    if section.get("total_steps", 1) == 0:
+        if rollout_steps is None:
+            raise ValueError("config.rl.total_steps=0 needs the run's length (rollout steps)")
+        rows = config.train.prompts_per_step * section.get("samples_per_prompt",
+                                                           RLConfig.samples_per_prompt)
+        mini = section.get("mini_batch_size", RLConfig.mini_batch_size)
+        section["total_steps"] = max(1, rollout_steps * rows // mini)
+    return build(RLConfig, section, "rl")
+
+
+def rollout_config(config) -> RolloutConfig:
+    return build(RolloutConfig, config.rollout, "rollout")
+
+
+def eval_rollout_config(config) -> RolloutConfig:
+    return build(RolloutConfig, config.eval_rollout, "eval_rollout")
+
+
+def data_config(config) -> DataConfig:
+    return build(DataConfig, config.data, "data")
 
 
 def reward_config(config) -> RewardConfig:

@@ -63,3 +63,17 @@ def documents_block(rendered_passages: Sequence[str]) -> str:
     """The whole text the environment appends after a query (SPEC section 2)."""
     return (f"\n\n{BEGIN_DOCUMENTS}\n" + documents_text(rendered_passages)
             + f"{END_DOCUMENTS}\n\n")
+
+
+PROMPT_STYLES = ("base", "instruct")
+
+
+def prompt_ids(tokenizer, question: str, style: str) -> list[int]:
+    """The token ids of a question's prompt: "base" (no chat template; the tokenizer's own
+    special tokens, e.g. Llama's BOS) or "instruct" (the chat template, which already holds
+    them)."""
+    if style == "base":
+        return list(tokenizer(base_prompt(question))["input_ids"])
+    if style == "instruct":
+        return list(tokenizer.encode(instruct_prompt(question, tokenizer), add_special_tokens=False))
+    raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")

@@ -290,7 +290,7 @@ def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHA
         tmp = directory / f"model-{i:05d}.safetensors.tmp"
         final = ("model.safetensors" if len(shards) == 1
                  else f"model-{i:05d}-of-{len(shards):05d}.safetensors")
-        tmp.rename(directory / final)
+        tmp.replace(directory / final)  # overwrites an earlier export
         weight_map.update({name: final for name in names})
     if len(shards) > 1:
         (directory / "model.safetensors.index.json").write_text(json.dumps(

@@ -92,7 +92,6 @@ class RetrieverConfig:
     url: str = ""               # http: e.g. "http://127.0.0.1:8000"
     api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)
     timeout_s: float = 60.0
-    k: int = 3                  # top-k the rollout asks for (3 in training, 5 in evaluation)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

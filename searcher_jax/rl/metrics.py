@@ -27,15 +27,23 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
-def extract_answer(response: str) -> str | None:
-    """The text between the last `<answer>` and the `</answer>` after it, stripped."""
+def answer_span(response: str) -> str | None:
+    """The text between the last `<answer>` and the `</answer>` after it, unstripped: the
+    released evaluation's `pred_ans`, on which its published numbers were computed (" False "
+    is not the exact string "False", so it does not become "no" there)."""
     start = response.rfind("<answer>")
     if start < 0:
         return None
     end = response.find("</answer>", start)
     if end < 0:
         return None
-    return response[start + len("<answer>"):end].strip()
+    return response[start + len("<answer>"):end]
+
+
+def extract_answer(response: str) -> str | None:
+    """answer_span, stripped (what the rewards score)."""
+    span = answer_span(response)
+    return None if span is None else span.strip()
 
 
 def _golds(golds: str | Sequence[str]) -> list[str]:

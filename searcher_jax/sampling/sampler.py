@@ -363,6 +363,16 @@ class Sampler:
             return out
         return counted
 
+    def set_model(self, model: Decoder) -> None:
+        """Samples from new weights of the same architecture (e.g. after a train step).
+
+        The compiled programs take the weights as an argument, so this compiles nothing.
+        """
+        if model.config != self.model_config:
+            raise ValueError("set_model: the new weights are of another model config "
+                             f"({model.config} vs {self.model_config})")
+        self._params = nnx.state(model)
+
     @property
     def num_compiled(self) -> int:
         """Executables compiled so far by this sampler (traces of its jitted functions)."""

@@ -23,6 +23,7 @@ from flax import nnx
 
 from searcher_jax.model import hf_io
 from searcher_jax.model.decoder import Decoder
+from searcher_jax.retrieval import bm25, corpus_formats, corpus_store
 from searcher_jax.synthetic import names
 from searcher_jax.synthetic import pretrain as pretrain_lib
 from searcher_jax.synthetic import templates
@@ -81,6 +82,11 @@ class WorldPaths:
     @property
     def model_dir(self) -> pathlib.Path:
         return self.root / "model"
+
+    @property
+    def index_dir(self) -> pathlib.Path:
+        """A retrieval index directory (launch/build_index.py's layout) with a BM25 backend."""
+        return self.root / "index"
 
 
 def fingerprint(payload: dict) -> str:
@@ -163,4 +169,18 @@ def build(root: pathlib.Path, world_config: world_lib.WorldConfig,
     build_stage(paths.model_dir,
                 {**world_payload, "pretrain": dataclasses.asdict(pretrain_config)},
                 lambda directory: _make_model(paths, pretrain_config, log, directory), log)
+    build_stage(paths.index_dir, {**world_payload, "index": "bm25"},
+                lambda directory: _make_index(paths, directory), log)
     return paths
+
+
+def _make_index(paths: WorldPaths, directory: pathlib.Path) -> None:
+    """The corpus store and a BM25 index: the world's made-up names are whole keywords,
+    which a lexical index matches exactly (a dense encoder splits them into word pieces)."""
+    num = corpus_store.write_store(corpus_formats.read_corpus(paths.corpus), directory / "corpus",
+                                   progress=False)
+    bm25.BM25Index.build(corpus_store.CorpusStore(directory / "corpus"),
+                         progress=False).save(directory / "bm25")
+    (directory / "index.json").write_text(json.dumps(
+        {"corpus": [str(paths.corpus)], "passages": num, "backends": ["bm25"], "encoder": None},
+        indent=1))

@@ -86,7 +86,7 @@ def test_unchanged_config_reuses_and_changed_config_rebuilds(world_model_dir, wo
     messages = []
     build.build(world_model_dir, world_config, pretrain_config, log=messages.append)
     assert weights.stat().st_mtime_ns == before
-    assert len(messages) == 3 and all(message.startswith("reusing") for message in messages)
+    assert len(messages) == 4 and all(message.startswith("reusing") for message in messages)
     changed = dataclasses.replace(pretrain_config, steps=pretrain_config.steps + 1)
     payload = json.loads((world_paths.model_dir / build.FINGERPRINT_FILE).read_text())
     assert payload["fingerprint"] == build.fingerprint(payload["payload"])

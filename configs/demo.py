@@ -1,0 +1,26 @@
+"""The embedded default: the whole method on a laptop CPU, with nothing downloaded.
+
+    python launch/tpu_pod.py            # = --config=configs/demo.py
+
+Builds (or reuses) the synthetic world in runs/world: a made-up Wikipedia, its
+questions, a BM25 index and a tiny base model pretrained on imperfect search-format
+demonstrations. Then runs the stage-2 recipe (F1 reward, -2 format penalty,
+reinforce_baseline) on it, sized for 2 CPU cores: the reward, the share of well-formed
+responses and the greedy evaluation's F1 go up within minutes.
+"""
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.world.update(dir="runs/world", preset="ci")
+    # fp32 compute on CPU (XLA CPU's bf16 matmuls are slower).
+    config.model.update(dtype="float32", scan_layers=False, remat=False)
+    config.sampler.update(max_len=1024, segment_len=160, min_attend_bucket=128)
+    config.rollout.update(max_retrievals=4)
+    config.eval_rollout.update(max_retrievals=4)
+    config.rl.update(samples_per_prompt=8, mini_batch_size=32, micro_batch_size=16,
+                     learning_rate=1e-4, logprob_chunk=128)
+    config.train.update(workdir="runs/demo", steps=30, prompts_per_step=8, eval_every=10,
+                        eval_questions=64, eval_batch_size=32, save_every=10)
+    return config

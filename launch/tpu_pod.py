@@ -1,0 +1,45 @@
+"""The main entry: one RL run, from a config file plus `--config.x.y=value` overrides.
+
+    python launch/tpu_pod.py                                  # configs/demo.py, CPU, ~minutes
+    python launch/tpu_pod.py --config=configs/stage2.py --config.model.hf_dir=... \
+        --config.data.train_file=... --config.retriever.index_dir=...
+    python launch/tpu_pod.py --config=configs/stage2.py --config.rl.estimator=grpo  # ablation
+
+On a multi-host TPU pod run the same command on every host (e.g. `gcloud compute tpus
+tpu-vm ssh ... --worker=all --command=...`); jax.distributed initialises from the TPU
+environment. Paths may be gs://. A run resumes from its workdir's latest checkpoint.
+"""
+import logging
+import os
+import pathlib
+import sys
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))  # the config files import configs.base
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "demo.py"),
+                                "a configs/*.py file (optionally file.py:recipe)",
+                                lock_config=True)
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # pylint: disable=import-outside-toplevel
+    if flags.FLAGS.distributed:
+        jax.distributed.initialize()
+    from searcher_jax import trainer  # pylint: disable=import-outside-toplevel
+    logging.getLogger().setLevel(logging.INFO)
+    logging.info("devices: %s", jax.devices())
+    result = trainer.train(flags.FLAGS.config)
+    logging.info("done: eval %s", result["eval"])
+
+
+if __name__ == "__main__":
+    if not any(arg.startswith("--config=") or arg == "--config" for arg in sys.argv[1:]):
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the demo runs on the host
+    app.run(main)

@@ -1,0 +1,178 @@
+"""Checkpoints of the RL run: the TrainState and a small JSON dict, one folder per rollout step.
+
+    <directory>/<step>/state/  params, Adam moments, step, skipped (OCDBT/zarr, one file set
+                               for all leaves, each array written shard by shard)
+    <directory>/<step>/meta/   e.g. {"rollout_step": 12, "data_position": 384, "rng_seed": 0,
+                               "config": {...}}
+
+Orbax writes a step into a temporary folder and renames it (or, on GCS, writes a commit
+marker) only when complete, so a crash mid-save never damages an earlier step. Saves are
+asynchronous: `save` returns once the arrays are copied to host memory (so the train step
+may donate them), the files are written in the background; `wait()` blocks until done.
+Paths go through etils.epath, so `directory` may be local or gs://.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Self
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh
+
+from searcher_jax.rl.config import RLConfig
+from searcher_jax.rl.train_step import (
+    TrainState,
+    init_train_state,
+    leaf_shardings,
+    train_state_shardings,
+)
+
+_MAX_LISTED = 5  # Differing leaves named in a mismatch error.
+_MAX_MESSAGE = 1500  # Characters of orbax's own message kept (tensorstore specs run to pages).
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    directory: str  # Local path or gs:// URL; one run per directory.
+    save_every: int  # Rollout steps between checkpoints (step % save_every == 0 is saved).
+    max_to_keep: int = 3  # Newest steps kept; older ones are deleted after each save.
+
+    def __post_init__(self):
+        if self.save_every < 1 or self.max_to_keep < 1:
+            raise ValueError(f"CheckpointConfig needs save_every >= 1 and max_to_keep >= 1, got "
+                             f"save_every={self.save_every}, max_to_keep={self.max_to_keep}")
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A step folder exists but cannot be read back (files missing or truncated)."""
+
+
+def abstract_train_state(params, config: RLConfig, mesh: Mesh) -> TrainState:
+    """The TrainState for `params` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs placed on
+    `mesh` by train_state_shardings: the target `Checkpointer.restore` fills in."""
+    abstract = jax.eval_shape(lambda p: init_train_state(p, config), params)
+    leaves, treedef = jax.tree.flatten(abstract)
+    shardings = leaf_shardings(train_state_shardings(abstract, mesh))
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, shardings)])
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, meta dict) pairs under `config.directory`."""
+
+    def __init__(self, config: CheckpointConfig):
+        self.config = config
+        self.directory = epath.Path(config.directory)
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            preservation_policy=ocp.checkpoint_managers.LatestN(n=config.max_to_keep))
+        # Handlers named up front: a fresh manager can then read an existing step's metadata
+        # (to explain a failed restore) before anything has been saved or restored through it.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
+
+    def save(self, step: int, train_state: TrainState, meta: dict, force: bool = False) -> bool:
+        """Starts saving `step` when it is a multiple of save_every (or `force`); True if started.
+
+        A step already on disk is left alone (False): e.g. a final forced save right after the
+        periodic one. `meta` must be JSON-serialisable; it is copied now, so the caller may
+        change it while the files are written.
+        """
+        if not force and step % self.config.save_every:
+            return False
+        if step in self._manager.all_steps():  # Lists a step as soon as its save starts.
+            return False
+        meta = json.loads(json.dumps(meta))  # Fails here, with the offending value, if not JSON.
+        # Orbax first waits for the previous save, then copies the arrays to host and returns.
+        return self._manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)))
+
+    def wait(self) -> None:
+        """Blocks until the last save is fully written (and old steps are pruned)."""
+        self._manager.wait_until_finished()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, step: int | None, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """(TrainState, meta) of `step` (None: the latest), each array on the sharding of its
+        ShapeDtypeStruct in `abstract_state` (any mesh: the saved layout does not matter).
+
+        Raises:
+          FileNotFoundError: no such step (or no checkpoint at all) in the directory.
+          ValueError: the saved tree or shapes differ from `abstract_state`'s (another model
+            or optimizer config).
+          CheckpointDamagedError: the step folder exists but cannot be read.
+        """
+        self.wait()
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} "
+                                    f"in {self.directory} (steps there: {steps})")
+        path = self.directory / str(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as error:
+            orbax_message = f"{type(error).__name__}: {str(error)[:_MAX_MESSAGE]}"
+            differences = self._differences(step, abstract_state)
+            if differences:
+                listed = "".join(f"\n  {line}" for line in differences)
+                raise ValueError(
+                    f"checkpoint {path} does not match the state to restore into: the model or "
+                    f"optimizer config differs from the one it was saved with:{listed}\n"
+                    f"orbax: {orbax_message}") from error
+            raise CheckpointDamagedError(f"checkpoint {path} is damaged or incomplete "
+                                         f"(restore another step, or delete it): {orbax_message}"
+                                         ) from error
+        return restored.state, dict(restored.meta)
+
+    def _differences(self, step: int, abstract_state: TrainState) -> list[str]:
+        """Leaves missing, extra or of another shape/dtype in `step` versus `abstract_state`;
+        empty when they agree or the saved metadata itself cannot be read."""
+        try:
+            saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)["state"].tree)
+        except Exception:  # noqa: BLE001 - unreadable metadata: the folder is damaged.
+            return []
+        # Both flatten to string key tuples, e.g. ("opt_state", "1", "mu", "embed", "value").
+        wanted = ocp.tree.to_flat_dict(abstract_state)
+        found = []  # In the state's leaf order: params first, then the Adam moments mirroring them.
+        for key in [*wanted, *(key for key in saved if key not in wanted)]:
+            name = "/".join(key)
+            if key not in saved:
+                found.append(f"{name}: expected {_describe(wanted[key])}, not in the checkpoint")
+            elif key not in wanted:
+                found.append(f"{name}: saved {_describe(saved[key])}, not in the state")
+            elif _describe(saved[key]) != _describe(wanted[key]):
+                found.append(f"{name}: saved {_describe(saved[key])}, expected "
+                             f"{_describe(wanted[key])}")
+        if len(found) > _MAX_LISTED:
+            found = found[:_MAX_LISTED] + [f"... and {len(found) - _MAX_LISTED} more"]
+        return found
+
+    def close(self) -> None:
+        """Waits for the last save, then releases orbax's threads."""
+        self.wait()
+        self._manager.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _describe(leaf) -> str:
+    """'float32[64, 16]' for an array, ShapeDtypeStruct or orbax ArrayMetadata."""
+    shape = getattr(leaf, "shape", None)
+    dtype = getattr(leaf, "dtype", None)
+    return f"{jax.numpy.dtype(dtype).name}{list(shape)}" if shape is not None else type(leaf).__name__

@@ -1,0 +1,127 @@
+"""Question files, and the resumable order in which training visits them.
+
+Formats read (one JSON object per line in .jsonl, or a .json file holding a list):
+    R1-Searcher training/eval sets and the synthetic world:  idx, question, answer, ...
+    reference/corpus/*.questions.jsonl:                      qidx, question, answer, ...
+    FlashRAG / Search-R1:                                    id, question, golden_answers
+`answer` may be a string or a list of strings; other keys are bookkeeping and ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from etils import epath
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    id: str
+    question: str
+    answers: tuple[str, ...]  # gold answers; the rewards score against each and keep the max
+
+
+def read_questions(path) -> list[Question]:
+    """Reads a question file (local or gs://); raises ValueError naming file and line."""
+    path = epath.Path(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON: {e}") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json question file must hold a list, "
+                             f"got {type(rows).__name__}")
+        # In a .json list the natural "line number" is the 1-based item number.
+        numbered = [(f"item {n}", n, row) for n, row in enumerate(rows, start=1)]
+    else:
+        numbered = []
+        # split("\n"), not splitlines(): that also splits at U+2028 etc. inside JSON strings.
+        for n, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue  # trailing newlines and blank separators are harmless
+            try:
+                numbered.append((f"line {n}", n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: invalid JSON: {e}") from None
+    if not numbered:
+        raise ValueError(f"{path}: no questions in file")
+    return [_parse_row(row, f"{path}, {where}", default_id=str(n))
+            for where, n, row in numbered]
+
+
+def _parse_row(row, where: str, default_id: str) -> Question:
+    if not isinstance(row, dict):
+        message = f"{where}: expected a JSON object, got {type(row).__name__}"
+        raise ValueError(message)  # noqa: TRY004 - a bad file is a ValueError, whatever the cause
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: missing or non-string 'question' (got {question!r})")
+    # FlashRAG calls the golds "golden_answers"; the authors' files call them "answer".
+    key = "golden_answers" if "golden_answers" in row else "answer"
+    answer = row.get(key)
+    answers = [answer] if isinstance(answer, str) else answer
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f"{where}: {key!r} must be a string or a non-empty list of strings "
+                         f"(got {answer!r})")
+    for gold in answers:
+        # An empty gold would award exact-match credit to an empty prediction.
+        if not isinstance(gold, str) or not gold.strip():
+            raise ValueError(f"{where}: {key!r} has an empty or non-string answer {gold!r}")
+    # `is not None`, not truthiness: the corpus files number their questions from qidx 0.
+    ids = [row[k] for k in ("idx", "qidx", "id") if row.get(k) is not None]
+    return Question(id=str(ids[0]) if ids else default_id, question=question,
+                    answers=tuple(answers))
+
+
+def _grain_seed(seed: int) -> int:
+    # grain seeds epoch e of `shuffle(seed=s)` with s + e, so seed s's 2nd epoch would be
+    # seed s+1's 1st. Hashing the run seed keeps neighbouring run seeds unrelated.
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
+
+
+class QuestionOrder:
+    """The endless, deterministic stream of training questions.
+
+    Epoch e is positions [e*N, (e+1)*N): a fresh permutation of all N questions (or the
+    file order with shuffle=False). A question is a pure function of (seed, position), so
+    a run checkpoints the integer `position` and resumes exactly, with no iterator state.
+    """
+
+    def __init__(self, questions: Sequence[Question], seed: int, shuffle: bool = True):
+        if not questions:
+            raise ValueError("QuestionOrder needs at least one question")
+        self.questions = tuple(questions)
+        self.seed = seed
+        self.shuffle = shuffle
+        dataset = grain.MapDataset.source(self.questions)
+        if shuffle:
+            # shuffle before repeat: grain reshuffles each epoch and keeps epochs apart.
+            dataset = dataset.shuffle(seed=_grain_seed(seed))
+        self._stream = dataset.repeat()  # random access by global position, endless
+
+    def __len__(self) -> int:
+        return len(self.questions)  # questions per epoch
+
+    def epoch_of(self, position: int) -> int:
+        return position // len(self.questions)
+
+    def batch(self, position: int, size: int) -> list[Question]:
+        """The questions at positions [position, position + size) of the stream."""
+        if position < 0 or size < 0:
+            raise ValueError(f"position and size must be >= 0, got {position}, {size}")
+        return [self._stream[i] for i in range(position, position + size)]
+
+
+def expand_samples(questions: Sequence[Question], samples_per_prompt: int) -> list[Question]:
+    """Each question samples_per_prompt times in a row: the RL batch keeps a prompt's
+    samples contiguous, so group statistics are taken over consecutive rows."""
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    return [q for q in questions for _ in range(samples_per_prompt)]

@@ -1,0 +1,85 @@
+"""Greedy evaluation (SPEC section 6): rollouts over a question set, EM / CEM / F1, queries.
+
+A trajectory that never answers predicts "I don't know.", and a prediction is
+the unstripped answer span, both as the released evaluation did (so its
+published numbers recompute exactly from its traces). Questions go through the rollout in fixed-size batches (the
+last one padded with repeats that are then dropped), so a whole set compiles
+the sampler's programs once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from searcher_jax.data.questions import Question
+from searcher_jax.rl import metrics, rewards
+from searcher_jax.rollout import RolloutConfig, Searcher, Tokenizer, rollout
+from searcher_jax.sampling.sampler import Sampler
+
+NO_ANSWER = "I don't know."
+EVAL_ROLLOUT = RolloutConfig(max_retrievals=9, top_k=5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One evaluated question, in the released traces' field names where they exist."""
+    id: str
+    question: str
+    answer: tuple[str, ...]
+    pred_ans: str
+    gen_text_store: str
+    queries: tuple[str, ...]
+    end_reason: str
+    em: float
+    cem: float
+    f1: float
+    format_ok: bool
+
+
+def score_record(question: Question, response: str, queries: Sequence[str], end_reason: str,
+                 reward_config: rewards.RewardConfig) -> Record:
+    answer = metrics.answer_span(response)
+    prediction = NO_ANSWER if answer is None else answer
+    return Record(id=question.id, question=question.question, answer=question.answers,
+                  pred_ans=prediction, gen_text_store=response, queries=tuple(queries),
+                  end_reason=end_reason, em=metrics.exact_match(prediction, question.answers),
+                  cem=metrics.cover_exact_match(prediction, question.answers),
+                  f1=metrics.f1_score(prediction, question.answers),
+                  format_ok=rewards.score(response, question.answers, reward_config).format_ok)
+
+
+def summarize(records: Sequence[Record]) -> dict[str, float]:
+    """Means over questions (the paper's ACC_R is `cem`)."""
+    if not records:
+        raise ValueError("summarize: no records")
+    return {"em": float(np.mean([r.em for r in records])),
+            "cem": float(np.mean([r.cem for r in records])),
+            "f1": float(np.mean([r.f1 for r in records])),
+            "queries_per_question": float(np.mean([len(r.queries) for r in records])),
+            "answered": float(np.mean([r.end_reason == "answer" for r in records])),
+            "format_ok": float(np.mean([r.format_ok for r in records])),
+            "questions": float(len(records))}
+
+
+def evaluate(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
+             questions: Sequence[Question], encode_prompt: Callable[[str], list[int]],
+             batch_size: int, config: RolloutConfig = EVAL_ROLLOUT, key=None,
+             reward_config: rewards.RewardConfig | None = None) -> list[Record]:
+    """Records for every question (greedy when the sampler's SelectConfig is greedy)."""
+    key = jax.random.key(0) if key is None else key
+    reward_config = reward_config or rewards.RewardConfig()
+    records = []
+    for start in range(0, len(questions), batch_size):
+        chunk = list(questions[start:start + batch_size])
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        trajectories = rollout(sampler, tokenizer, retriever,
+                               [encode_prompt(q.question) for q in padded], config,
+                               jax.random.fold_in(key, start))
+        for b, question in enumerate(chunk):
+            records.append(score_record(question, trajectories.responses[b],
+                                        trajectories.queries[b], trajectories.end_reasons[b],
+                                        reward_config))
+    return records

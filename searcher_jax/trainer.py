@@ -1,0 +1,290 @@
+"""The RL loop: it wires the parts (DESIGN.md, "How data flows") and contains none of them.
+
+One rollout step:
+    questions (QuestionOrder at a saved position) -> prompts x samples_per_prompt
+    -> rollout (sampler <-> retriever) -> rewards (host strings)
+    -> [reference log-probs] -> train_step (pure, jitted, sharded) -> metrics, checkpoint.
+Everything a resumed run needs is in the checkpoint: the TrainState, the step
+and the data position; each step's PRNG key is fold_in(seed, step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from searcher_jax import checkpoint as checkpoint_lib
+from searcher_jax import evaluation, run_config
+from searcher_jax.data import prompts
+from searcher_jax.data.questions import (
+    Question,
+    QuestionOrder,
+    expand_samples,
+    read_questions,
+)
+from searcher_jax.model import hf_io, sharding
+from searcher_jax.retrieval.retriever import make_retriever
+from searcher_jax.rl import rewards as rewards_lib
+from searcher_jax.rl import train_step as train_step_lib
+from searcher_jax.rl.batch import RolloutBatch
+from searcher_jax.rollout import STOP_STRINGS, Trajectories, rollout
+from searcher_jax.sampling import sampler as sampling
+from searcher_jax.sampling import select, stop_strings
+from searcher_jax.synthetic import build as synthetic_build
+
+MIN_TRAIN_LEN = 128  # the train batch's length is a power-of-two multiple of this
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    workdir: str = "runs/train"  # metrics.jsonl, config.json, checkpoints/, hf/
+    steps: int = 0  # rollout steps; 0: one epoch over the training questions
+    prompts_per_step: int = 64  # prompts per rollout batch (x samples_per_prompt rows)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # rollout steps between evaluations (also at the start and the end)
+    eval_questions: int = 500  # the first N questions of data.eval_file
+    eval_batch_size: int = 64
+    save_every: int = 20  # rollout steps between checkpoints (and at the end)
+    max_to_keep: int = 3
+    export_hf: bool = True  # write <workdir>/hf at the end: the next stage's model.hf_dir
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "log_every", "eval_batch_size", "save_every",
+                     "max_to_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config.train.{name} must be >= 1, got {getattr(self, name)}")
+        if min(self.steps, self.eval_every, self.eval_questions) < 0:
+            raise ValueError("config.train.steps, eval_every and eval_questions must be >= 0")
+
+
+def resolve_world(config):
+    """When config.world.dir is set: build (or reuse) the embedded synthetic world there and
+    point every empty path of the config (model, data, BM25 index) at it."""
+    config = config.copy_and_resolve_references()
+    world = config.get("world", {})
+    if not world or not world.get("dir"):
+        return config
+    presets = synthetic_build.PRESETS
+    if world.preset not in presets:
+        raise ValueError(f"config.world.preset must be one of {sorted(presets)}, got {world.preset!r}")
+    paths = synthetic_build.build(epath.Path(world.dir), *presets[world.preset],
+                                  log=logging.info)
+    with config.unlocked():
+        config.model.hf_dir = config.model.hf_dir or str(paths.model_dir)
+        config.data.train_file = config.data.train_file or str(paths.train_questions)
+        config.data.eval_file = config.data.eval_file or str(paths.eval_questions)
+        if not config.retriever.index_dir and config.retriever.backend != "http":
+            config.retriever.backend = "bm25"
+            config.retriever.index_dir = str(paths.index_dir)
+    return config
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """Everything the loop calls, built once from the run config."""
+    graphdef: Any  # the training Decoder's structure (its fp32 params live in the TrainState)
+    tokenizer: Any
+    retriever: Any
+    sampler: sampling.Sampler
+    eval_sampler: sampling.Sampler
+    mesh: Any
+    train_questions: list[Question]
+    eval_questions: list[Question]
+
+
+def encode_prompt_fn(tokenizer, style: str):
+    return lambda question: prompts.prompt_ids(tokenizer, question, style)
+
+
+def load_questions(path: str, tokenizer, style: str, max_prompt_len: int) -> list[Question]:
+    """The questions of a file whose prompt fits max_prompt_len (the others are dropped and
+    logged: one overlong question must not stop a run)."""
+    questions = read_questions(path)
+    encode = encode_prompt_fn(tokenizer, style)
+    kept = [q for q in questions if len(encode(q.question)) <= max_prompt_len]
+    if len(kept) < len(questions):
+        logging.warning("%s: dropped %d question(s) whose prompt is over %d tokens", path,
+                        len(questions) - len(kept), max_prompt_len)
+    if not kept:
+        raise ValueError(f"{path}: no question has a prompt of at most {max_prompt_len} tokens")
+    return kept
+
+
+def build_parts(config, with_train_questions: bool = True) -> tuple[Parts, Any]:
+    """(parts, the initial fp32 params) of a (world-resolved) run config."""
+    data = run_config.data_config(config)
+    if not config.model.hf_dir:
+        raise ValueError("config.model.hf_dir is empty: give a local (or gs://) HF checkpoint "
+                         "directory, or set config.world.dir for the embedded synthetic world")
+    if with_train_questions and not data.train_file:
+        raise ValueError("config.data.train_file is empty")
+    mesh = sharding.make_mesh(dict(config.mesh))
+    model = hf_io.load_pretrained(config.model.hf_dir, mesh=mesh,
+                                  **run_config.model_overrides(config))
+    tokenizer = hf_io.load_tokenizer(config.model.hf_dir)
+    table = stop_strings.stop_table_for_tokenizer(tokenizer, list(STOP_STRINGS),
+                                                  vocab_size=model.config.vocab_size)
+    sample_config = run_config.sampler_config(config)
+    copy = sampling.sampling_copy(model, mesh)
+    greedy = dataclasses.replace(sample_config, select=select.SelectConfig(greedy=True))
+    graphdef, params = nnx.split(model)
+    return Parts(
+        graphdef=graphdef, tokenizer=tokenizer,
+        retriever=make_retriever(run_config.retriever_config(config)),
+        sampler=sampling.Sampler(copy, sample_config, table, mesh),
+        eval_sampler=sampling.Sampler(copy, greedy, table, mesh), mesh=mesh,
+        train_questions=(load_questions(data.train_file, tokenizer, data.prompt_style,
+                                        data.max_prompt_len) if with_train_questions else []),
+        eval_questions=(load_questions(data.eval_file, tokenizer, data.prompt_style,
+                                       data.max_prompt_len) if data.eval_file else [])), params
+
+
+def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int) -> RolloutBatch:
+    """Host trajectories -> the train step's batch, padded to a bucketed length (few compiles)."""
+    width = sampling.power_of_two_bucket(trajectories.tokens.shape[1], MIN_TRAIN_LEN, max_len)
+
+    def pad(x):
+        return jnp.asarray(np.pad(x, ((0, 0), (0, width - x.shape[1]))))
+
+    return RolloutBatch(tokens=pad(trajectories.tokens), loss_mask=pad(trajectories.loss_mask),
+                        rewards=jnp.asarray(rewards, jnp.float32),
+                        sampler_logprobs=pad(trajectories.sampler_logprobs))
+
+
+def score(trajectories: Trajectories, questions: list[Question],
+          config: rewards_lib.RewardConfig) -> tuple[np.ndarray, dict[str, float]]:
+    """Per-row rewards [B] and their means (reward, format, F1, CEM)."""
+    results = [rewards_lib.score(response, q.answers, config)
+               for response, q in zip(trajectories.responses, questions)]
+    values = np.array([r.reward for r in results], np.float32)
+    return values, {"reward": float(values.mean()), "reward_std": float(values.std()),
+                    "format_ok": float(np.mean([r.format_ok for r in results])),
+                    "f1": float(np.mean([r.f1 for r in results])),
+                    "cem": float(np.mean([r.cem for r in results]))}
+
+
+class MetricsWriter:
+    """One JSON line per record in <workdir>/metrics.jsonl (process 0 only), and a log line."""
+
+    def __init__(self, workdir: epath.Path):
+        self.path = workdir / "metrics.jsonl"
+        self._writer = jax.process_index() == 0
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        record = {"kind": kind, "step": step, **{k: round(float(v), 6) for k, v in values.items()}}
+        if self._writer:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in record.items() if k not in ("kind", "step"))
+        logging.info("%s step %d: %s", kind, step, shown)
+
+
+def run_eval(parts: Parts, config, graphdef, params, step: int,
+             writer: MetricsWriter) -> dict[str, float]:
+    """Greedy evaluation of params on the first train.eval_questions evaluation questions."""
+    train_cfg = run_config.build(TrainConfig, config.train, "train")
+    questions = parts.eval_questions[:train_cfg.eval_questions]
+    if not questions:
+        return {}
+    parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(graphdef, params), parts.mesh))
+    records = evaluation.evaluate(
+        parts.eval_sampler, parts.tokenizer, parts.retriever, questions,
+        encode_prompt_fn(parts.tokenizer, run_config.data_config(config).prompt_style),
+        train_cfg.eval_batch_size, run_config.eval_rollout_config(config),
+        reward_config=run_config.reward_config(config))
+    summary = evaluation.summarize(records)
+    writer.write("eval", step, summary)
+    return summary
+
+
+def train(config) -> dict[str, Any]:
+    """Runs (or resumes) the configured run; returns the last train and eval metrics."""
+    config = resolve_world(config)
+    train_cfg = run_config.build(TrainConfig, config.train, "train")
+    rollout_cfg = run_config.rollout_config(config)
+    reward_cfg = run_config.reward_config(config)
+    data = run_config.data_config(config)
+    workdir = epath.Path(train_cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    parts, params = build_parts(config)
+    total = train_cfg.steps or max(1, len(parts.train_questions) // train_cfg.prompts_per_step)
+    rl = run_config.rl_config(config, rollout_steps=total)
+    rl.steps_per_batch(train_cfg.prompts_per_step * rl.samples_per_prompt)  # fail before rollouts
+    writer = MetricsWriter(workdir)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+    graphdef = parts.graphdef
+    state = train_step_lib.make_init_fn(rl, params, parts.mesh)(params)
+    train_step = train_step_lib.make_train_step(graphdef, state, rl, parts.mesh)
+    # The reference policy is the run's initial policy (init copied it into the state); with
+    # kl_coef 0 it is never needed, and dropping it frees its memory.
+    reference = params if rl.uses_reference else None
+    logprob_fn = (train_step_lib.make_logprob_fn(graphdef, rl, params, parts.mesh)
+                  if rl.uses_reference else None)
+    del params
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.CheckpointConfig(
+        directory=str(workdir / "checkpoints"), save_every=train_cfg.save_every,
+        max_to_keep=train_cfg.max_to_keep))
+    start, position = 0, 0
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore(None, jax.tree.map(_abstract, state))
+        start, position = meta["step"], meta["data_position"]
+        logging.info("resumed from %s at step %d (data position %d)", workdir / "checkpoints",
+                     start, position)
+
+    order = QuestionOrder(parts.train_questions, seed=train_cfg.seed, shuffle=data.shuffle)
+    encode = encode_prompt_fn(parts.tokenizer, data.prompt_style)
+    base_key = jax.random.key(train_cfg.seed)
+    last = {"train": {}, "eval": {}}
+    if start == 0:
+        last["eval"] = run_eval(parts, config, graphdef, state.params, 0, writer)
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        questions = expand_samples(order.batch(position, train_cfg.prompts_per_step),
+                                   rl.samples_per_prompt)
+        parts.sampler.set_model(sampling.sampling_copy(nnx.merge(graphdef, state.params),
+                                                       parts.mesh))
+        trajectories = rollout(parts.sampler, parts.tokenizer, parts.retriever,
+                               [encode(q.question) for q in questions], rollout_cfg,
+                               jax.random.fold_in(base_key, step))
+        t1 = time.perf_counter()
+        rewards, reward_metrics = score(trajectories, questions, reward_cfg)
+        batch = rollout_batch(trajectories, rewards, parts.sampler.config.max_len)
+        if logprob_fn is not None:
+            batch = dataclasses.replace(batch, ref_logprobs=logprob_fn(reference, batch.tokens))
+        state, step_metrics = train_step(state, batch)
+        position += train_cfg.prompts_per_step
+        last["train"] = {**reward_metrics, **trajectories.metrics(), **jax.device_get(step_metrics),
+                         "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
+                         "epoch": order.epoch_of(position)}
+        if (step + 1) % train_cfg.log_every == 0 or step + 1 == total:
+            writer.write("train", step + 1, last["train"])
+        checkpointer.save(step + 1, state, {"step": step + 1, "data_position": position},
+                          force=step + 1 == total)
+        if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < total:
+            last["eval"] = run_eval(parts, config, graphdef, state.params, step + 1, writer)
+    checkpointer.wait()
+    if start < total:
+        last["eval"] = run_eval(parts, config, graphdef, state.params, total, writer)
+    if train_cfg.export_hf:
+        hf_io.save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
+        if jax.process_index() == 0:
+            parts.tokenizer.save_pretrained(str(workdir / "hf"))
+        logging.info("exported the policy to %s (the next stage's model.hf_dir)", workdir / "hf")
+    checkpointer.close()
+    return last
+
+
+def _abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)

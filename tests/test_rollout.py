@@ -1,0 +1,181 @@
+"""The search-augmented rollout on the world's tiny model: masks built at append time,
+tokens equal to the sampler's, one search batch per round, overshoot and limits."""
+import jax
+import numpy as np
+import pytest
+
+from searcher_jax import rollout as rollout_lib
+from searcher_jax.data import prompts
+from searcher_jax.model import hf_io
+from searcher_jax.retrieval import retriever as retriever_lib
+from searcher_jax.sampling import sampler as sampling
+from searcher_jax.sampling import stop_strings
+from searcher_jax.synthetic import world_files
+
+ROWS = 12
+
+
+class RecordingRetriever:
+    """The world's BM25 retriever, recording every call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def search(self, queries, k):
+        self.calls.append((list(queries), k))
+        return self.inner.search(queries, k)
+
+
+@pytest.fixture(scope="module")
+def world(world_paths):
+    model = hf_io.load_pretrained(world_paths.model_dir)
+    tokenizer = hf_io.load_tokenizer(world_paths.model_dir)
+    table = stop_strings.stop_table_for_tokenizer(tokenizer, list(rollout_lib.STOP_STRINGS),
+                                                  vocab_size=model.config.vocab_size)
+    copy = sampling.sampling_copy(model)
+    retriever = retriever_lib.make_retriever(retriever_lib.RetrieverConfig(
+        backend="bm25", index_dir=str(world_paths.index_dir)))
+    questions = world_files.read_jsonl(world_paths.eval_questions)[:ROWS]
+    prompt_ids = [prompts.prompt_ids(tokenizer, q["question"], "base") for q in questions]
+
+    def make_sampler(max_len=768, segment_len=128):
+        return sampling.Sampler(copy, sampling.SamplerConfig(max_len=max_len,
+                                                             segment_len=segment_len), table)
+
+    return dict(tokenizer=tokenizer, retriever=retriever, prompt_ids=prompt_ids, copy=copy,
+                sampler=make_sampler(), make_sampler=make_sampler)
+
+
+@pytest.fixture(scope="module")
+def trajectories(world):
+    recorder = RecordingRetriever(world["retriever"])
+    out = rollout_lib.rollout(world["sampler"], world["tokenizer"], recorder, world["prompt_ids"],
+                              rollout_lib.RolloutConfig(max_retrievals=3, top_k=3),
+                              jax.random.key(0))
+    return out, recorder.calls
+
+
+def test_loss_mask_is_exactly_the_sampled_tokens(world, trajectories):
+    out, _ = trajectories
+    tokenizer = world["tokenizer"]
+    assert out.tokens.shape == out.loss_mask.shape == out.sampler_logprobs.shape
+    for b, prompt in enumerate(world["prompt_ids"]):
+        n, p = out.lengths[b], out.prompt_lengths[b]
+        assert out.tokens[b, :p].tolist() == prompt
+        assert not out.loss_mask[b, :p].any() and not out.loss_mask[b, n:].any()
+        assert (out.tokens[b, n:] == 0).all()
+        # Sampled tokens have a log-prob, inserted ones none.
+        assert (out.sampler_logprobs[b][out.loss_mask[b]] < 0).all()
+        assert (out.sampler_logprobs[b][~out.loss_mask[b]] == 0).all()
+        # Every run of unmasked tokens inside the response is one whole document block.
+        response = out.tokens[b, p:n]
+        mask = out.loss_mask[b, p:n]
+        edges = np.flatnonzero(np.diff(np.concatenate([[1], mask.astype(int), [1]])))
+        inserted = [tokenizer.decode(response[s:e].tolist()) for s, e in zip(edges[::2], edges[1::2])]
+        assert len(inserted) == len(out.queries[b])
+        for text in inserted:
+            assert text.lstrip("\n").startswith(prompts.BEGIN_DOCUMENTS)
+            assert text.endswith(prompts.END_DOCUMENTS + "\n\n")
+        assert out.responses[b].count(prompts.BEGIN_DOCUMENTS + "\n") == len(out.queries[b])
+
+
+def test_responses_decode_from_the_tokens_and_read_as_the_spec(world, trajectories):
+    out, _ = trajectories
+    tokenizer = world["tokenizer"]
+    for b in range(ROWS):
+        ids = out.tokens[b, out.prompt_lengths[b]:out.lengths[b]].tolist()
+        if out.end_reasons[b] == "eos":
+            assert ids[-1] == tokenizer.eos_token_id
+            ids = ids[:-1]
+        assert tokenizer.decode(ids) == out.responses[b]
+        # Each query tag is followed by exactly the spec's continuation.
+        joined = f"{prompts.END_QUERY}\n\n{prompts.BEGIN_DOCUMENTS}\n"
+        assert out.responses[b].count(joined) == len(out.queries[b])
+    assert out.overshoot_mismatches.sum() == 0
+    assert set(out.end_reasons) <= set(rollout_lib.END_REASONS)
+
+
+def test_one_search_per_round_with_every_paused_query(trajectories):
+    out, calls = trajectories
+    assert calls, "the tiny model should write at least one query in 12 samples"
+    assert all(k == 3 for _, k in calls)
+    searched = [q for queries, _ in calls for q in queries]
+    assert sorted(searched) == sorted(q for row in out.queries for q in row)
+    assert len(calls) <= 3  # max_retrievals rounds at most
+    metrics = out.metrics()
+    assert metrics["queries_per_row"] == pytest.approx(len(searched) / ROWS)
+    assert sum(metrics[f"end_{r}"] for r in rollout_lib.END_REASONS) == pytest.approx(1.0)
+
+
+def test_same_key_same_trajectories(world, trajectories):
+    out, _ = trajectories
+    again = rollout_lib.rollout(world["sampler"], world["tokenizer"], world["retriever"],
+                                world["prompt_ids"], rollout_lib.RolloutConfig(3, 3),
+                                jax.random.key(0))
+    np.testing.assert_array_equal(again.tokens, out.tokens)
+    np.testing.assert_array_equal(again.loss_mask, out.loss_mask)
+    assert again.responses == out.responses
+
+
+def test_no_retrievals_left_ends_rows_at_their_query(world):
+    recorder = RecordingRetriever(world["retriever"])
+    out = rollout_lib.rollout(world["sampler"], world["tokenizer"], recorder, world["prompt_ids"],
+                              rollout_lib.RolloutConfig(max_retrievals=0), jax.random.key(0))
+    assert recorder.calls == []
+    assert all(q == [] for q in out.queries)
+    assert "retrieval_limit" in out.end_reasons  # the model queries first in most samples
+
+
+def test_a_full_buffer_truncates_and_keeps_the_mask_consistent(world):
+    longest = max(map(len, world["prompt_ids"]))
+    sampler = world["make_sampler"](max_len=longest + 40, segment_len=64)
+    out = rollout_lib.rollout(sampler, world["tokenizer"], world["retriever"], world["prompt_ids"],
+                              rollout_lib.RolloutConfig(max_retrievals=3), jax.random.key(1))
+    assert "truncated" in out.end_reasons
+    assert (out.lengths <= longest + 40).all()
+    for b in range(ROWS):
+        assert not out.loss_mask[b, :out.prompt_lengths[b]].any()
+
+
+def test_the_sampler_must_stop_at_the_rollout_tags(world):
+    tokenizer = world["tokenizer"]
+    table = stop_strings.stop_table_for_tokenizer(tokenizer, ["</answer>"],
+                                                  vocab_size=world["copy"].config.vocab_size)
+    wrong = sampling.Sampler(world["copy"], sampling.SamplerConfig(max_len=64), table)
+    with pytest.raises(ValueError, match="must stop at"):
+        rollout_lib.rollout(wrong, tokenizer, world["retriever"], world["prompt_ids"],
+                            rollout_lib.RolloutConfig(), jax.random.key(0))
+
+
+@pytest.mark.parametrize("segment, query, overshoot", [
+    ("I will search. <|begin_of_query|> Fezeith \"Academy\"  founded<|end_of_query|>\n\n",
+     "Fezeith Academy founded", "\n\n"),
+    ("<|begin_of_query|>a<|end_of_query|>", "a", ""),
+    ("no opening tag<|end_of_query|>", None, ""),
+    ("<|begin_of_query|>   <|end_of_query|>>", "", ">"),
+])
+def test_split_at_query(segment, query, overshoot):
+    assert rollout_lib.split_at_query(segment) == (query, overshoot)
+
+
+def test_insert_text_continues_the_overshoot_or_inserts_the_whole_block():
+    block = prompts.documents_block(["Title: A Text: b"])
+    assert rollout_lib.insert_text(block, "\n\n") == (block[2:], True)
+    assert rollout_lib.insert_text(block, "") == (block, True)
+    assert rollout_lib.insert_text(block, " and") == (block, False)
+
+
+def test_qwen_overshoot_token_reads_as_the_spec(reference_dir):
+    """With Qwen2.5, `|>\\n\\n` is `|` + `>\\n\\n`: the policy's token already holds the
+    block's first newlines, and the insert continues after them."""
+    qwen_tokenizer = hf_io.load_tokenizer(reference_dir / "tokenizers" / "qwen2.5")
+    sampled = qwen_tokenizer.encode("<|begin_of_query|> Paris mayor<|end_of_query|>\n\n",
+                                    add_special_tokens=False)
+    text = qwen_tokenizer.decode(sampled)
+    query, overshoot = rollout_lib.split_at_query(text)
+    assert (query, overshoot) == ("Paris mayor", "\n\n")
+    block = prompts.documents_block(["Title: Paris Text: x"])
+    insert, fitted = rollout_lib.insert_text(block, overshoot)
+    assert fitted
+    whole = qwen_tokenizer.decode(sampled + qwen_tokenizer.encode(insert, add_special_tokens=False))
+    assert whole == "<|begin_of_query|> Paris mayor<|end_of_query|>" + block

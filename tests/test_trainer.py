@@ -1,0 +1,101 @@
+"""The RL loop end to end on the world's tiny model: metrics, checkpoints, resume, export."""
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from searcher_jax import run_config, trainer
+from searcher_jax.model import hf_io
+from tests.conftest import REPO_ROOT
+
+
+def load_config(name: str, *args):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+def tiny_run(world_dir, workdir, steps: int):
+    config = load_config("demo")
+    config.world.dir = str(world_dir)
+    config.mesh.update(data=2, fsdp=2, tensor=2)  # the 8 test devices: a sharded run
+    config.sampler.update(max_len=512, segment_len=96)
+    config.rollout.max_retrievals = 2
+    config.eval_rollout.max_retrievals = 2
+    config.rl.update(samples_per_prompt=4, mini_batch_size=4, micro_batch_size=4)
+    config.train.update(workdir=str(workdir), steps=steps, prompts_per_step=2, eval_every=0,
+                        eval_questions=4, eval_batch_size=4, save_every=1)
+    return config
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def first_run(world_model_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    result = trainer.train(tiny_run(world_model_dir, workdir, steps=2))
+    return workdir, result
+
+
+def test_a_run_logs_trains_evaluates_and_exports(first_run, world_paths):
+    workdir, result = first_run
+    records = read_metrics(workdir)
+    assert [(r["kind"], r["step"]) for r in records] == [
+        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+    train = records[1]
+    assert train["optimizer_steps"] == 2 and train["skipped_steps"] == 0  # 8 rows / 4 per step
+    assert -2.0 <= train["reward"] <= 1.0 and 0 <= train["format_ok"] <= 1
+    assert np.isfinite(train["loss"]) and train["grad_norm"] > 0
+    assert result["eval"]["questions"] == 4
+    # The export is a HF checkpoint of the trained (changed) policy, with its tokenizer.
+    exported = hf_io.load_pretrained(workdir / "hf")
+    initial = hf_io.load_pretrained(world_paths.model_dir)
+    assert not np.allclose(np.asarray(exported.embed[...]), np.asarray(initial.embed[...]))
+    assert hf_io.load_tokenizer(workdir / "hf").eos_token_id is not None
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 2
+
+
+def test_a_run_resumes_from_its_checkpoint(first_run, world_model_dir):
+    workdir, _ = first_run
+    trainer.train(tiny_run(world_model_dir, workdir, steps=3))
+    steps = [(r["kind"], r["step"]) for r in read_metrics(workdir)]
+    # Only step 3 ran again: no second evaluation at step 0, no repeated steps 1-2.
+    assert steps[4:] == [("train", 3), ("eval", 3)]
+
+
+def test_rows_that_do_not_split_fail_before_any_rollout(world_model_dir, tmp_path):
+    config = tiny_run(world_model_dir, tmp_path, steps=1)
+    config.rl.mini_batch_size = 3
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        trainer.train(config)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_misspelt_train_key_says_where(world_model_dir, tmp_path):
+    config = tiny_run(world_model_dir, tmp_path, steps=1)
+    config.train.stpes = 3
+    with pytest.raises(ValueError, match=r"config.train: unknown key\(s\) \['stpes'\]"):
+        trainer.train(config)
+
+
+@pytest.mark.parametrize("name, args, estimator, rows_per_step", [
+    ("stage2", (), "reinforce_baseline", 256),
+    ("stage2", ("llama",), "reinforce_baseline", 260),
+    ("stage1", (), "grpo", 60),
+    ("stage1", ("paper",), "grpo", 60),
+    ("demo", (), "reinforce_baseline", 32),
+])
+def test_configs_build_every_part(name, args, estimator, rows_per_step):
+    config = load_config(name, *args)
+    rl = run_config.rl_config(config, rollout_steps=10)
+    assert rl.estimator == estimator and rl.mini_batch_size == rows_per_step
+    rows = config.train.prompts_per_step * rl.samples_per_prompt
+    assert rl.steps_per_batch(rows) >= 1
+    for part in (run_config.sampler_config, run_config.rollout_config, run_config.data_config,
+                 run_config.reward_config, run_config.retriever_config):
+        part(config)
+    run_config.build(trainer.TrainConfig, config.train, "train")
