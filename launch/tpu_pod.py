@@ -5,9 +5,9 @@
         --config.data.train_file=... --config.retriever.index_dir=...
     python launch/tpu_pod.py --config=configs/stage2.py --config.rl.estimator=grpo  # ablation
 
-On a multi-host TPU pod run the same command on every host (e.g. `gcloud compute tpus
-tpu-vm ssh ... --worker=all --command=...`); jax.distributed initialises from the TPU
-environment. Paths may be gs://. A run resumes from its workdir's latest checkpoint.
+It uses every local device of one host (a TPU VM, a GPU machine or a CPU; multi-host pods
+are not supported yet, see the README). Paths may be gs://. A run resumes from its
+workdir's latest checkpoint.
 """
 import logging
 import os
@@ -23,15 +23,12 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "demo.py"),
                                 "a configs/*.py file (optionally file.py:recipe)",
                                 lock_config=True)
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host pods)")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax  # pylint: disable=import-outside-toplevel
-    if flags.FLAGS.distributed:
-        jax.distributed.initialize()
     from searcher_jax import trainer  # pylint: disable=import-outside-toplevel
     logging.getLogger().setLevel(logging.INFO)
     logging.info("devices: %s", jax.devices())

@@ -40,7 +40,7 @@ from searcher_jax.sampling import sampler as sampling
 from searcher_jax.sampling import select, stop_strings
 from searcher_jax.synthetic import build as synthetic_build
 
-MIN_TRAIN_LEN = 128  # the train batch's length is a power-of-two multiple of this
+MIN_TRAIN_LEN = 128  # the train batch's length: 128, 192, 256, 384, 512, 768, ... (few compiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +150,8 @@ def build_parts(config, with_train_questions: bool = True) -> tuple[Parts, Any]:
 
 
 def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int) -> RolloutBatch:
-    """Host trajectories -> the train step's batch, padded to a bucketed length (few compiles)."""
-    width = sampling.power_of_two_bucket(trajectories.tokens.shape[1], MIN_TRAIN_LEN, max_len)
+    """Host trajectories -> the train step's batch, padded to a bucketed length."""
+    width = sampling.attend_bucket(trajectories.tokens.shape[1], MIN_TRAIN_LEN, max_len)
 
     def pad(x):
         return jnp.asarray(np.pad(x, ((0, 0), (0, width - x.shape[1]))))

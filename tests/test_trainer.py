@@ -1,6 +1,9 @@
 """The RL loop end to end on the world's tiny model: metrics, checkpoints, resume, export."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +102,30 @@ def test_configs_build_every_part(name, args, estimator, rows_per_step):
                  run_config.reward_config, run_config.retriever_config):
         part(config)
     run_config.build(trainer.TrainConfig, config.train, "train")
+
+
+def _tpu_pod(*args, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "launch" / "tpu_pod.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=600, check=False,
+                          cwd=tmp_path)
+
+
+def test_the_main_entry_runs_the_demo_config_with_overrides(world_model_dir, tmp_path):
+    workdir = tmp_path / "run"
+    result = _tpu_pod(
+        f"--config.world.dir={world_model_dir}", f"--config.train.workdir={workdir}",
+        "--config.train.steps=1", "--config.train.prompts_per_step=2",
+        "--config.rl.samples_per_prompt=4", "--config.rl.mini_batch_size=8",
+        "--config.rl.micro_batch_size=8", "--config.train.eval_questions=0",
+        "--config.sampler.max_len=512", "--config.sampler.segment_len=96",
+        "--config.rollout.max_retrievals=1", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [(r["kind"], r["step"]) for r in read_metrics(workdir)] == [("train", 1)]
+    assert (workdir / "hf" / "model.safetensors").is_file()
+
+
+def test_the_main_entry_rejects_a_misspelt_override(tmp_path):
+    result = _tpu_pod("--config.rl.estimater=grpo", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "estimater" in result.stderr

@@ -1,6 +1,8 @@
 """A retriever backend that calls a retrieval server (ours, R1-Searcher's or Search-R1's)."""
 import json
+import logging
 import re
+import time
 import urllib.error
 import urllib.request
 from typing import Sequence
@@ -21,22 +23,38 @@ class HttpRetriever(HitRetriever):
     passage with the id stripped as the authors' client did. api "searchr1": POST /retrieve with
     scores, each document's "contents" kept verbatim (format flashrag)."""
 
-    def __init__(self, url: str, api: str = "r1searcher", timeout_s: float = 60.0):
+    def __init__(self, url: str, api: str = "r1searcher", timeout_s: float = 60.0,
+                 retries: int = 4, backoff_s: float = 1.0):
         if not url:
             raise ValueError("the http backend needs a url, e.g. http://127.0.0.1:8000")
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         self.url, self.api, self.timeout_s = url.rstrip("/"), api, timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
 
     def _post(self, path: str, body: dict) -> dict:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode("utf-8"),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            message = e.read().decode(errors="replace")
-            raise RetrievalServerError(f"{self.url}{path} answered {e.code}: {message}") from None
+        """One request; a dropped connection, a timeout or a 5xx is retried with exponential
+        backoff (a retrieval host restarting must not end a training run), a 4xx is not."""
+        data = json.dumps(body).encode("utf-8")
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url + path, data=data, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                message = e.read().decode(errors="replace")
+                error = RetrievalServerError(f"{self.url}{path} answered {e.code}: {message}")
+                if e.code < 500:
+                    raise error from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                error = RetrievalServerError(f"{self.url}{path} unreachable: {e}")
+            if attempt < self.retries:
+                delay = self.backoff_s * 2 ** attempt
+                logging.warning("%s; retrying in %.1f s (%d/%d)", error, delay, attempt + 1,
+                                self.retries)
+                time.sleep(delay)
+        raise RetrievalServerError(f"{error} (after {self.retries} retries)")
 
     def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         check_k(k)

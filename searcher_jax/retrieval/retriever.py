@@ -92,6 +92,7 @@ class RetrieverConfig:
     url: str = ""               # http: e.g. "http://127.0.0.1:8000"
     api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)
     timeout_s: float = 60.0
+    retries: int = 4            # http: transient failures retried with backoff 1, 2, 4, 8 s
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -109,7 +110,7 @@ def make_retriever(cfg: RetrieverConfig) -> HitRetriever:
     """The backend a config names, loaded from its index directory (or pointed at its URL)."""
     if cfg.backend == "http":
         from searcher_jax.retrieval.http_client import HttpRetriever
-        return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s)
+        return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s, retries=cfg.retries)
     if not cfg.index_dir:
         raise ValueError(f"backend {cfg.backend!r} needs index_dir")
     index_dir = pathlib.Path(cfg.index_dir)

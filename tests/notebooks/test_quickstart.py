@@ -1,6 +1,8 @@
 """The quickstart notebook runs top to bottom on CPU (its code cells, in order)."""
 import json
 
+import numpy as np
+
 from tests.conftest import REPO_ROOT
 
 
@@ -17,3 +19,5 @@ def test_quickstart_notebook_runs(world_model_dir, monkeypatch, capsys):
     assert sum(r.num_retrievals >= 1 for r in results) >= 3
     assert "<|begin_of_documents|>\n(1)Title: " in "".join(namespace["responses"])
     assert "reward" in capsys.readouterr().out
+    assert np.isfinite(float(namespace["metrics"]["loss"]))
+    assert int(namespace["state"].step) == 1  # one optimizer step was applied

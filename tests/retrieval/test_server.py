@@ -175,3 +175,41 @@ def test_serve_retriever_cli(tmp_path, reference_dir):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_client_retries_transient_failures_but_not_bad_requests():
+    """A 503 or a dropped connection is retried with backoff; a 400 fails at once."""
+    import http.server
+
+    replies = [503, 200]
+    seen = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            seen.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            code = replies.pop(0) if replies else 400
+            body = (json.dumps({"queries": ["q"], "answers": [["12\tTitle: A Text: b"]]})
+                    if code == 200 else "no").encode()
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HttpRetriever(f"http://127.0.0.1:{server.server_port}", retries=2, backoff_s=0.01)
+        assert client.search(["q"], 1)[0][0].render() == "Title: A Text: b"
+        assert len(seen) == 2
+        with pytest.raises(RetrievalServerError, match="answered 400"):
+            client.search(["q"], 1)
+        assert len(seen) == 3  # no retry of a 4xx
+    finally:
+        server.shutdown()
+    unreachable = HttpRetriever(f"http://127.0.0.1:{server.server_port}", retries=1,
+                                backoff_s=0.01, timeout_s=1)
+    with pytest.raises(RetrievalServerError, match="after 1 retries"):
+        unreachable.search(["q"], 1)
