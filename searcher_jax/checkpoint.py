@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Self
 
 import jax
@@ -65,7 +66,10 @@ class Checkpointer:
 
     def __init__(self, config: CheckpointConfig):
         self.config = config
-        self.directory = epath.Path(config.directory)
+        # Orbax's tensorstore layer wants absolute paths; a relative local one (runs/demo)
+        # is taken from the working directory.
+        self.directory = epath.Path(config.directory if "://" in config.directory
+                                    else os.path.abspath(config.directory))
         options = ocp.CheckpointManagerOptions(
             create=True,
             preservation_policy=ocp.checkpoint_managers.LatestN(n=config.max_to_keep))

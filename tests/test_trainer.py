@@ -112,10 +112,10 @@ def _tpu_pod(*args, tmp_path):
 
 
 def test_the_main_entry_runs_the_demo_config_with_overrides(world_model_dir, tmp_path):
-    workdir = tmp_path / "run"
+    workdir = tmp_path / "run"  # given relative to the working directory, as a user would
     result = _tpu_pod(
-        f"--config.world.dir={world_model_dir}", f"--config.train.workdir={workdir}",
-        "--config.train.steps=1", "--config.train.prompts_per_step=2",
+        f"--config.world.dir={world_model_dir}", "--config.train.workdir=run",
+        "--config.train.steps=1", "--config.train.save_every=1", "--config.train.prompts_per_step=2",
         "--config.rl.samples_per_prompt=4", "--config.rl.mini_batch_size=8",
         "--config.rl.micro_batch_size=8", "--config.train.eval_questions=0",
         "--config.sampler.max_len=512", "--config.sampler.segment_len=96",
@@ -123,6 +123,8 @@ def test_the_main_entry_runs_the_demo_config_with_overrides(world_model_dir, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert [(r["kind"], r["step"]) for r in read_metrics(workdir)] == [("train", 1)]
     assert (workdir / "hf" / "model.safetensors").is_file()
+    assert (workdir / "checkpoints" / "1" / "state").is_dir()
+    assert "Traceback" not in result.stderr
 
 
 def test_the_main_entry_rejects_a_misspelt_override(tmp_path):
