@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
 from typing import Any
 
@@ -249,7 +251,14 @@ def train(config) -> dict[str, Any]:
     last = {"train": {}, "eval": {}}
     if start == 0:
         last["eval"] = run_eval(parts, config, graphdef, state.params, 0, writer)
+    stop = _StopSignal()
     for step in range(start, total):
+        if stop.received:
+            checkpointer.save(step, state, {"step": step, "data_position": position}, force=True)
+            checkpointer.close()
+            logging.warning("stopped by signal %s after step %d; saved, and a rerun resumes here",
+                            stop.received, step)
+            return last
         t0 = time.perf_counter()
         questions = expand_samples(order.batch(position, train_cfg.prompts_per_step),
                                    rl.samples_per_prompt)
@@ -284,6 +293,19 @@ def train(config) -> dict[str, Any]:
         logging.info("exported the policy to %s (the next stage's model.hf_dir)", workdir / "hf")
     checkpointer.close()
     return last
+
+
+class _StopSignal:
+    """Records SIGTERM (a preempted TPU VM or a cluster scheduler's notice) so the loop can
+    checkpoint after the step in flight and exit cleanly instead of dying mid-step."""
+
+    def __init__(self):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum, _frame):
+        self.received = signal.Signals(signum).name
 
 
 def _abstract(x):

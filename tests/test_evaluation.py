@@ -62,3 +62,15 @@ def test_launch_evaluate_writes_records_and_summary(world_model_dir, tmp_path):
     assert summary["questions"] == 4 and 0 <= summary["f1"] <= 1
     assert {r["end_reason"] for r in records} <= {"answer", "eos", "segment_limit", "no_query",
                                                      "empty_query", "retrieval_limit", "truncated"}
+
+
+def test_launch_ask_prints_the_trajectory_and_the_answer(world_model_dir, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / "ask.py"), f"--config.world.dir={world_model_dir}",
+         "--config.eval_rollout.max_retrievals=2", "--config.sampler.max_len=512",
+         "--config.sampler.segment_len=96", "Where was Gremegrial Pigom born?"],
+        capture_output=True, text=True, env=env, timeout=600, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("Q: Where was Gremegrial Pigom born?\n")
+    assert "=> " in result.stdout and "ended: " in result.stdout

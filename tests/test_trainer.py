@@ -2,8 +2,10 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -131,3 +133,31 @@ def test_the_main_entry_rejects_a_misspelt_override(tmp_path):
     result = _tpu_pod("--config.rl.estimater=grpo", tmp_path=tmp_path)
     assert result.returncode != 0
     assert "estimater" in result.stderr
+
+
+def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_resumes(world_model_dir, tmp_path):
+    """A preempted run saves after the step it is in and exits 0; the rerun continues."""
+    args = [f"--config.world.dir={world_model_dir}", "--config.train.workdir=run",
+            "--config.train.steps=50", "--config.train.prompts_per_step=2",
+            "--config.rl.samples_per_prompt=4", "--config.rl.mini_batch_size=8",
+            "--config.rl.micro_batch_size=8", "--config.train.eval_questions=0",
+            "--config.sampler.max_len=512", "--config.sampler.segment_len=64",
+            "--config.rollout.max_retrievals=1", "--config.train.save_every=100"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "tpu_pod.py"), *args],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "stopped by signal SIGTERM" in stderr
+    done = len(read_metrics(tmp_path / "run"))
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert 1 <= done < 50 and saved == [done]
+    assert not (tmp_path / "run" / "hf").exists()  # no export of an unfinished run
