@@ -30,10 +30,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-import jax
 import numpy as np
 
 from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY
+from searcher_jax.model import sharding
 from searcher_jax.retrieval.passage import documents_block
 from searcher_jax.sampling.sampler import Sampler
 from searcher_jax.sampling.state import FINISHED, PAUSED, RUNNING, TRUNCATED
@@ -141,9 +141,9 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
     if not eos_ids:
         raise ValueError("the tokenizer has no eos_token_id; the rollout needs one to end rows")
     rows = [_Row(prompt_len=len(p)) for p in prompt_ids]
-    if min(r.prompt_len for r in rows) == 0:
-        raise ValueError("rollout: empty prompt at row "
-                         f"{[b for b, r in enumerate(rows) if r.prompt_len == 0][0]}")
+    empty = [b for b, row in enumerate(rows) if row.prompt_len == 0]
+    if empty:
+        raise ValueError(f"rollout: empty prompt at row(s) {empty}")
     state = sampler.extend(sampler.init(batch, eos_ids, key), prompt_ids)
     live = _fetch(state.status) == RUNNING
     for b in np.flatnonzero(~live):
@@ -234,4 +234,4 @@ def _assemble(state, rows: list[_Row], tokenizer: Tokenizer) -> Trajectories:
 
 
 def _fetch(array) -> np.ndarray:
-    return np.asarray(jax.device_get(array))
+    return sharding.host_array(array)

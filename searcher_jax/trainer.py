@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -151,16 +150,20 @@ def build_parts(config, with_train_questions: bool = True) -> tuple[Parts, Any]:
                                        data.max_prompt_len) if data.eval_file else [])), params
 
 
-def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int) -> RolloutBatch:
-    """Host trajectories -> the train step's batch, padded to a bucketed length."""
+def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int,
+                  mesh) -> RolloutBatch:
+    """Host trajectories -> the train step's batch, padded to a bucketed length, rows over
+    (data, fsdp). Every process holds the same host arrays and places its own shards."""
     width = sampling.attend_bucket(trajectories.tokens.shape[1], MIN_TRAIN_LEN, max_len)
 
-    def pad(x):
-        return jnp.asarray(np.pad(x, ((0, 0), (0, width - x.shape[1]))))
+    def place(x):
+        if x.ndim == 2:
+            x = np.pad(x, ((0, 0), (0, width - x.shape[1])))
+        return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
 
-    return RolloutBatch(tokens=pad(trajectories.tokens), loss_mask=pad(trajectories.loss_mask),
-                        rewards=jnp.asarray(rewards, jnp.float32),
-                        sampler_logprobs=pad(trajectories.sampler_logprobs))
+    return RolloutBatch(tokens=place(trajectories.tokens), loss_mask=place(trajectories.loss_mask),
+                        rewards=place(np.asarray(rewards, np.float32)),
+                        sampler_logprobs=place(trajectories.sampler_logprobs))
 
 
 def score(trajectories: Trajectories, questions: list[Question],
@@ -269,7 +272,7 @@ def train(config) -> dict[str, Any]:
                                jax.random.fold_in(base_key, step))
         t1 = time.perf_counter()
         rewards, reward_metrics = score(trajectories, questions, reward_cfg)
-        batch = rollout_batch(trajectories, rewards, parts.sampler.config.max_len)
+        batch = rollout_batch(trajectories, rewards, parts.sampler.config.max_len, parts.mesh)
         if logprob_fn is not None:
             batch = dataclasses.replace(batch, ref_logprobs=logprob_fn(reference, batch.tokens))
         state, step_metrics = train_step(state, batch)

@@ -239,10 +239,7 @@ def _set_layer(stacked, layer_value, layer):
 
 def _to_host(value: jax.Array) -> np.ndarray:
     """The whole array on this host (gathered across processes on a pod)."""
-    if not value.is_fully_addressable:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        value = multihost_utils.process_allgather(value, tiled=True)
-    return np.asarray(jax.device_get(value), np.float32)
+    return sharding.host_array(value).astype(np.float32, copy=False)
 
 def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHARD_BYTES,
                     hf_config_extra: dict | None = None) -> None:

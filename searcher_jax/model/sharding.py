@@ -113,3 +113,14 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Modul
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Rows over (data, fsdp); the remaining dimensions replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *(None,) * (ndim - 1)))
+
+
+def host_array(array) -> np.ndarray:
+    """The whole of a (possibly sharded) array on this host. On a pod, where other processes
+    hold some of its shards, every process gathers it (a collective all of them must call),
+    so every process sees the same values and takes the same host-side decisions."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        array = multihost_utils.process_allgather(array, tiled=True)
+    return np.asarray(jax.device_get(array))
+

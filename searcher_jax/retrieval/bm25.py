@@ -1,8 +1,15 @@
-"""BM25 (bm25s) over the rendered passages of a corpus store."""
+"""BM25 (bm25s) over the rendered passages of a corpus store.
+
+bm25s is imported on first use: importing it runs a JAX computation (its backend
+probe), which would start the XLA backend before a multi-host run has called
+jax.distributed.initialize.
+"""
+from __future__ import annotations
+
+import importlib
 import pathlib
 from typing import Sequence
 
-import bm25s
 import numpy as np
 
 from searcher_jax.retrieval.corpus_store import CorpusStore
@@ -10,14 +17,18 @@ from searcher_jax.retrieval.corpus_store import CorpusStore
 STOPWORDS = "en"
 
 
+def _bm25s():
+    return importlib.import_module("bm25s")
+
+
 def _tokenize(texts: Sequence[str]) -> list[list[str]]:
-    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
+    return _bm25s().tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
 
 
 class BM25Index:
     """Lexical index; rows are corpus-store rows."""
 
-    def __init__(self, model: bm25s.BM25, num_passages: int):
+    def __init__(self, model, num_passages: int):  # model: a bm25s.BM25
         self._model = model
         self.num_passages = num_passages
 
@@ -26,7 +37,7 @@ class BM25Index:
         tokens = []
         for start in range(0, len(store), chunk):
             tokens.extend(_tokenize(store.rendered(start, start + chunk)))
-        model = bm25s.BM25()
+        model = _bm25s().BM25()
         model.index(tokens, show_progress=progress)
         return cls(model, len(store))
 
@@ -51,4 +62,4 @@ class BM25Index:
         directory = pathlib.Path(directory)
         if not (directory / "params.index.json").is_file():
             raise FileNotFoundError(f"{directory} holds no BM25 index (build one with launch/build_index.py)")
-        return cls(bm25s.BM25.load(str(directory), mmap=True, show_progress=False), num_passages)
+        return cls(_bm25s().BM25.load(str(directory), mmap=True, show_progress=False), num_passages)

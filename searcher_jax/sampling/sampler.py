@@ -462,4 +462,4 @@ class Sampler:
 
     @staticmethod
     def _fetch(array) -> np.ndarray:
-        return np.asarray(jax.device_get(array))
+        return sharding.host_array(array)
