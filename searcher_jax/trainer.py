@@ -89,7 +89,6 @@ def resolve_world(config):
     return config
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Parts:
     """Everything the loop calls, built once from the run config."""
