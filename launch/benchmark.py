@@ -2,6 +2,7 @@
 
     python launch/benchmark.py --suite=model        # forward speed of both layer layouts
     python launch/benchmark.py --suite=sampler      # vs transformers generate and Tunix
+    python launch/benchmark.py --suite=train        # one RL update vs PyTorch, and its MFU
     python launch/benchmark.py --suite=retrieval    # ScaNN vs faiss (flat and HNSW)
     python launch/benchmark.py --suite=memory_plan  # TPU bytes per device, compiled here
 
@@ -15,6 +16,7 @@ import sys
 SUITES = {
     "model": "bench_model",
     "sampler": "bench_sampler",
+    "train": "bench_train",
     "retrieval": "bench_retrieval",
     "memory_plan": "bench_memory_plan",
 }
