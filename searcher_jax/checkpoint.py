@@ -27,8 +27,8 @@ from searcher_jax.rl.config import RLConfig
 from searcher_jax.rl.train_step import (
     TrainState,
     init_train_state,
-    leaf_shardings,
     train_state_shardings,
+    with_shardings,
 )
 
 _MAX_LISTED = 5  # Differing leaves named in a mismatch error.
@@ -55,10 +55,7 @@ def abstract_train_state(params, config: RLConfig, mesh: Mesh) -> TrainState:
     """The TrainState for `params` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs placed on
     `mesh` by train_state_shardings: the target `Checkpointer.restore` fills in."""
     abstract = jax.eval_shape(lambda p: init_train_state(p, config), params)
-    leaves, treedef = jax.tree.flatten(abstract)
-    shardings = leaf_shardings(train_state_shardings(abstract, mesh))
-    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                              for x, s in zip(leaves, shardings)])
+    return with_shardings(abstract, train_state_shardings(abstract, mesh))
 
 
 class Checkpointer:

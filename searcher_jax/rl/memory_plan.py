@@ -35,6 +35,7 @@ from searcher_jax.model import sharding
 from searcher_jax.model.config import ModelConfig
 from searcher_jax.model.decoder import Decoder
 from searcher_jax.rl import train_step as train_lib
+from searcher_jax.rl.train_step import with_shardings
 from searcher_jax.rl.batch import RolloutBatch
 from searcher_jax.rl.config import RLConfig
 
@@ -89,12 +90,6 @@ def shard_bytes(abstract_tree, shardings) -> int:
         raise ValueError(f"{len(leaves)} arrays but {len(shards)} shardings")
     return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
                for x, s in zip(leaves, shards))
-
-
-def _abstract(tree, shardings):
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-                              for x, s in zip(leaves, train_lib.leaf_shardings(shardings))])
 
 
 def _compile_stats(lowered) -> dict[str, Any]:
@@ -186,19 +181,19 @@ def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
 
     programs = {}
     step = train_lib.make_train_step(graphdef, state, spec.rl, mesh)
-    programs["train_step"] = _compile_stats(step.lower(_abstract(state, state_shardings),
-                                                       _abstract(batch, batch_shardings)))
+    programs["train_step"] = _compile_stats(step.lower(with_shardings(state, state_shardings),
+                                                       with_shardings(batch, batch_shardings)))
     decode = jax.jit(_decode_step(graphdef), donate_argnums=1)
     rows = sharding.batch_sharding(mesh, 2)
     programs["decode_step"] = _compile_stats(decode.lower(
-        _abstract(sample_params, sample_shardings), _abstract(cache, cache_shardings),
+        with_shardings(sample_params, sample_shardings), with_shardings(cache, cache_shardings),
         jax.ShapeDtypeStruct((spec.sample_rows, 1), jnp.int32, sharding=rows),
         jax.ShapeDtypeStruct((spec.sample_rows,), jnp.int32,
                              sharding=sharding.batch_sharding(mesh, 1))))
     if spec.rl.uses_reference:
         logprob_fn = train_lib.make_logprob_fn(graphdef, spec.rl, ref_params, mesh)
         programs["reference_logprobs"] = _compile_stats(logprob_fn.lower(
-            _abstract(ref_params, ref_shardings),
+            with_shardings(ref_params, ref_shardings),
             jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=rows)))
 
     errors = {name: stats["error"] for name, stats in programs.items() if "error" in stats}

@@ -89,6 +89,14 @@ def leaf_shardings(shardings) -> list:
     return jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
 
 
+def with_shardings(tree, shardings):
+    """`tree` (arrays or ShapeDtypeStructs) as ShapeDtypeStructs carrying `shardings`: the
+    abstract input of a lowering or of a checkpoint restore."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, leaf_shardings(shardings))])
+
+
 def batch_shardings(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
     """Rows over (data, fsdp), everything else replicated."""
     return jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
