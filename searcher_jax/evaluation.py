@@ -2,9 +2,11 @@
 
 A trajectory that never answers predicts "I don't know.", and a prediction is
 the unstripped answer span, both as the released evaluation did (so its
-published numbers recompute exactly from its traces). Questions go through the rollout in fixed-size batches (the
-last one padded with repeats that are then dropped), so a whole set compiles
-the sampler's programs once.
+published numbers recompute exactly from its traces). Questions go through
+the rollout in fixed-size batches (the last one padded with repeats that are
+then dropped), so a whole set compiles the sampler's programs once. The
+rollout config is the run config's `eval_rollout` (9 retrievals, top 5 in
+configs/base.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from searcher_jax.rollout import RolloutConfig, Searcher, Tokenizer, rollout
 from searcher_jax.sampling.sampler import Sampler
 
 NO_ANSWER = "I don't know."
-EVAL_ROLLOUT = RolloutConfig(max_retrievals=9, top_k=5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ def summarize(records: Sequence[Record]) -> dict[str, float]:
 
 def evaluate(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
              questions: Sequence[Question], encode_prompt: Callable[[str], list[int]],
-             batch_size: int, config: RolloutConfig = EVAL_ROLLOUT, key=None,
+             batch_size: int, config: RolloutConfig, key=None,
              reward_config: rewards.RewardConfig | None = None) -> list[Record]:
     """Records for every question (greedy when the sampler's SelectConfig is greedy)."""
     key = jax.random.key(0) if key is None else key

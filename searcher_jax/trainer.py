@@ -262,13 +262,15 @@ def train(config) -> dict[str, Any]:
                             stop.received, step)
             return last
         t0 = time.perf_counter()
-        questions = expand_samples(order.batch(position, train_cfg.prompts_per_step),
-                                   rl.samples_per_prompt)
+        prompt_questions = order.batch(position, train_cfg.prompts_per_step)
+        questions = expand_samples(prompt_questions, rl.samples_per_prompt)
+        # Each prompt is tokenized once, then repeated for its samples.
+        prompt_ids = expand_samples([encode(q.question) for q in prompt_questions],
+                                    rl.samples_per_prompt)
         parts.sampler.set_model(sampling.sampling_copy(nnx.merge(graphdef, state.params),
                                                        parts.mesh))
-        trajectories = rollout(parts.sampler, parts.tokenizer, parts.retriever,
-                               [encode(q.question) for q in questions], rollout_cfg,
-                               jax.random.fold_in(base_key, step))
+        trajectories = rollout(parts.sampler, parts.tokenizer, parts.retriever, prompt_ids,
+                               rollout_cfg, jax.random.fold_in(base_key, step))
         t1 = time.perf_counter()
         rewards, reward_metrics = score(trajectories, questions, reward_cfg)
         batch = rollout_batch(trajectories, rewards, parts.sampler.config.max_len, parts.mesh)

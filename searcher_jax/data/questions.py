@@ -119,9 +119,10 @@ class QuestionOrder:
         return [self._stream[i] for i in range(position, position + size)]
 
 
-def expand_samples(questions: Sequence[Question], samples_per_prompt: int) -> list[Question]:
-    """Each question samples_per_prompt times in a row: the RL batch keeps a prompt's
-    samples contiguous, so group statistics are taken over consecutive rows."""
+def expand_samples(questions: Sequence, samples_per_prompt: int) -> list:
+    """Each item (a question, or its prompt's token ids) samples_per_prompt times in a row:
+    the RL batch keeps a prompt's samples contiguous, so group statistics are taken over
+    consecutive rows."""
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     return [q for q in questions for _ in range(samples_per_prompt)]
