@@ -8,19 +8,9 @@
 Greedy, with the config's `eval_rollout` (9 retrievals, top 5) and its prompt style.
 """
 import logging
-import os
-import pathlib
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # the config files import configs.base
-
-from absl import app  # pylint: disable=wrong-import-position
-from ml_collections import config_flags  # pylint: disable=wrong-import-position
-
-config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "demo.py"),
-                                "a configs/*.py file (optionally file.py:recipe)",
-                                lock_config=True)
+import cli  # the --config flag; puts the repository root on sys.path
+from absl import app
 
 
 def main(argv):
@@ -29,6 +19,7 @@ def main(argv):
         raise app.UsageError("give one or more questions, e.g. ask.py \"Where was X born?\"")
     # pylint: disable=import-outside-toplevel
     import jax
+
     from searcher_jax import evaluation, run_config, trainer
     from searcher_jax.data.questions import Question
     logging.getLogger().setLevel(logging.WARNING)
@@ -49,6 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if not any(arg.startswith("--config=") or arg == "--config" for arg in sys.argv[1:]):
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the demo runs on the host
-    app.run(main)
+    cli.run(main)

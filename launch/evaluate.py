@@ -12,19 +12,10 @@ and <out>/summary.json. With no --config it evaluates the demo's world (configs/
 import dataclasses
 import json
 import logging
-import os
-import pathlib
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # the config files import configs.base
-
+import cli  # the --config flag; puts the repository root on sys.path
 from absl import app, flags
-from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "demo.py"),
-                                "a configs/*.py file (optionally file.py:recipe)",
-                                lock_config=True)
 flags.DEFINE_string("out", "runs/eval", "directory for records.jsonl and summary.json")
 flags.DEFINE_integer("limit", 0, "evaluate only the first N questions (0: all)")
 flags.DEFINE_integer("batch_size", 0, "rows per rollout (0: config.train.eval_batch_size)")
@@ -65,6 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if not any(arg.startswith("--config=") or arg == "--config" for arg in sys.argv[1:]):
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the demo runs on the host
-    app.run(main)
+    cli.run(main)

@@ -12,19 +12,9 @@ the other hosts from the TPU environment; elsewhere give --coordinator_address,
 latest checkpoint.
 """
 import logging
-import os
-import pathlib
-import sys
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))  # the config files import configs.base
-
+import cli  # the --config flag; puts the repository root on sys.path
 from absl import app, flags
-from ml_collections import config_flags
-
-config_flags.DEFINE_config_file("config", str(REPO_ROOT / "configs" / "demo.py"),
-                                "a configs/*.py file (optionally file.py:recipe)",
-                                lock_config=True)
 
 flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize()")
 flags.DEFINE_string("coordinator_address", None, "multi-host off TPU: host:port of process 0")
@@ -50,6 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    if not any(arg.startswith("--config=") or arg == "--config" for arg in sys.argv[1:]):
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the demo runs on the host
-    app.run(main)
+    cli.run(main)
