@@ -32,6 +32,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_leaves", type=int, default=0)
     parser.add_argument("--leaves_to_search_fraction", type=float, default=0.1)
     parser.add_argument("--reorder_dtype", default="float32", help="float32 | bfloat16 | int8 | none")
+    parser.add_argument("--pca_dims", type=int, default=0,
+                        help="PCA width for the tree and AH codes (0: none; 160 for 384-d MiniLM, README)")
+    parser.add_argument("--spill_threshold", type=float, default=0.0,
+                        help="> 0: each query searches the leaves scoring within this of its best leaf, "
+                             "at most --leaves_to_search_fraction of them (0: always that many)")
     parser.add_argument("--ram_budget_gb", type=float, default=0.0,
                         help="choose the most accurate layout whose vectors fit this many GB")
     parser.add_argument("--recall_queries", type=int, default=1000,
@@ -86,7 +91,8 @@ def build(args: argparse.Namespace) -> dict:
         cfg = dense_index.IndexConfig(kind=args.index_kind, brute_force_below=args.brute_force_below,
                                       num_leaves=args.num_leaves,
                                       leaves_to_search_fraction=args.leaves_to_search_fraction,
-                                      reorder_dtype=args.reorder_dtype)
+                                      reorder_dtype=args.reorder_dtype, pca_dims=args.pca_dims,
+                                      spill_threshold=args.spill_threshold)
         if args.ram_budget_gb:
             cfg = dense_index.layout_for_budget(num, vectors.shape[1], args.ram_budget_gb * 1e9, cfg)
         index, timings["index_s"] = dense_index.timed_build(vectors, cfg)

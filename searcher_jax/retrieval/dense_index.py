@@ -2,8 +2,8 @@
 
 Memory (per passage, D dims; the corpus text is memory-mapped separately):
   brute force fp32: 4D bytes        (21M x 1024 -> 86 GB)
-  tree + AH (2 dims/block, lut16 codes stored one byte per block): D/2 bytes,
-    + reordering data: fp32 4D, bf16 2D, int8 D (+ 4 bytes norm), or none
+  tree + AH (2 dims/block, lut16 codes stored one byte per block): D/2 bytes (P/2 with a
+    PCA projection to P dims), + reordering data: fp32 4D, bf16 2D, int8 D (+ 4 bytes norm), or none
   e.g. 21M x 1024 with int8 reordering: ~1.5 KB/passage, ~32 GB; AH only: ~10.7 GB.
 `layout_for_budget` picks the most accurate of these that fits a stated RAM budget.
 Building needs the fp32 embeddings in RAM once (ScaNN trains on the whole array).
@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 import scann
+from google.protobuf import text_format
 from scann import scann_ops_pybind
+from scann.proto import scann_pb2
 
 REORDER_TYPES = {"float32": scann.ReorderType.FLOAT32, "bfloat16": scann.ReorderType.BFLOAT16,
                  "int8": scann.ReorderType.INT8}
@@ -32,12 +34,20 @@ class IndexConfig:
     # Real queries (short questions) sit off the passages' distribution: on 68k MiniLM
     # passages recall@10 0.95 needed about 13% of the leaves searched, or 6% with SOAR.
     leaves_to_search_fraction: float = 0.06
+    # > 0: a query searches every leaf whose score is within this of its best leaf's score
+    # (ScaNN's additive query spilling), at most leaves_to_search_fraction of them, instead
+    # of always that many: a query with one clearly best region stops early.
+    spill_threshold: float = 0.0
     spherical: bool = True         # spherical k-means for the tree: unit vectors, dot product
     # SOAR: each passage also goes to a second leaf chosen to cover the first one's
     # residual error (AH codes stored twice); on that corpus it cut the leaves needed in half.
     soar_lambda: float | None = 1.5
     avq: float | None = 2.5        # anisotropic (score-aware) tree centroids
     training_sample_size: int = 250_000
+    # PCA (then a random rotation) to this many dims for the tree and the AH codes (0: none);
+    # reordering still scores the full vectors. On the 68k MiniLM benchmark 160 of 384 dims
+    # kept the recall of the searched leaves and cut the cost per leaf (README, Benchmarks).
+    pca_dims: int = 0
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
     reorder_dtype: str = "float32"  # "float32" | "bfloat16" | "int8" | "none"
@@ -49,6 +59,11 @@ class IndexConfig:
             raise ValueError(f"index kind must be auto, brute_force or tree_ah, got {self.kind!r}")
         if self.reorder_dtype not in REORDER_BYTES_PER_DIM:
             raise ValueError(f"reorder_dtype must be one of {sorted(REORDER_BYTES_PER_DIM)}")
+        if self.spill_threshold < 0:
+            raise ValueError(f"spill_threshold must be 0 (a fixed number of leaves) or positive, "
+                             f"got {self.spill_threshold}")
+        if self.pca_dims < 0:
+            raise ValueError(f"pca_dims must be 0 (no projection) or a positive width, got {self.pca_dims}")
 
     def resolved_kind(self, num_passages: int) -> str:
         if self.kind != "auto":
@@ -67,7 +82,8 @@ def planned_bytes_per_passage(dim: int, cfg: IndexConfig, num_passages: int) -> 
         return 4.0 * dim
     reorder = REORDER_BYTES_PER_DIM[cfg.reorder_dtype] * dim + (4 if cfg.reorder_dtype == "int8" else 0)
     leaves = 1 if cfg.soar_lambda is None else 2  # SOAR stores a point's code in two leaves
-    return leaves * (dim / cfg.dims_per_block + 4) + reorder  # codes + the point's id per leaf
+    coded_dims = cfg.pca_dims or dim
+    return leaves * (coded_dims / cfg.dims_per_block + 4) + reorder  # codes + the point's id per leaf
 
 
 def layout_for_budget(num_passages: int, dim: int, budget_bytes: float,
@@ -92,8 +108,9 @@ def index_type(searcher) -> str:
     """What ScaNN actually built, read back from its config."""
     config = searcher.config()
     if "partitioning" in config and "hash" in config:
+        pca = "projection_type: PCA" in config
         reorder = "exact_reordering" in config
-        return "tree_ah" + ("_reorder" if reorder else "")
+        return "tree" + ("_pca" if pca else "") + "_ah" + ("_reorder" if reorder else "")
     if "brute_force" in config:
         return "brute_force"
     return "other"
@@ -121,17 +138,21 @@ class DenseIndex:
         if cfg.resolved_kind(n) == "brute_force":
             builder = builder.score_brute_force()
         else:
+            if cfg.pca_dims >= dim:
+                raise ValueError(f"pca_dims ({cfg.pca_dims}) must be below the embedding width ({dim})")
             leaves = cfg.leaves(n)
             leaves_to_search = max(1, int(round(leaves * cfg.leaves_to_search_fraction)))
             builder = builder.tree(num_leaves=leaves, num_leaves_to_search=leaves_to_search,
                                    training_sample_size=min(cfg.training_sample_size, n),
                                    spherical=cfg.spherical, soar_lambda=cfg.soar_lambda,
                                    avq=cfg.avq)
+            if cfg.pca_dims:
+                builder = builder.pca(reduction_dim=cfg.pca_dims, pca_significance_threshold=None)
             builder = builder.score_ah(cfg.dims_per_block, anisotropic_quantization_threshold=cfg.anisotropic_threshold,
                                        training_sample_size=min(cfg.training_sample_size, n))
             if cfg.reorder_dtype != "none":
                 builder = builder.reorder(cfg.reorder_neighbors, quantize=REORDER_TYPES[cfg.reorder_dtype])
-        searcher = builder.build()
+        searcher = _create_searcher(builder, embeddings, cfg if leaves_to_search else None)
         return cls(searcher, n, dim, index_type(searcher), leaves_to_search)
 
     def search(self, queries: np.ndarray, k: int,
@@ -168,6 +189,24 @@ class DenseIndex:
         meta = json.loads(meta_file.read_text())
         searcher = scann_ops_pybind.load_searcher(str(directory))
         return cls(searcher, meta["num_passages"], meta["dim"], meta["built_type"], meta["leaves_to_search"])
+
+
+def _create_searcher(builder, embeddings: np.ndarray, tree_cfg: IndexConfig | None):
+    """builder.build(), with the tree options the builder has no argument for set in its config."""
+    if tree_cfg is None or not (tree_cfg.pca_dims or tree_cfg.spill_threshold):
+        return builder.build()
+    config = text_format.Parse(builder.create_config(), scann_pb2.ScannConfig())
+    if tree_cfg.pca_dims:
+        # PCA leaves most of the variance in the first components, so the AH blocks (16 centres
+        # each) would be very unequal; a random rotation after the PCA spreads the variance
+        # evenly over them (recall@10 0.75 -> 0.91 on 64-d vectors with a steep spectrum, PCA
+        # to 32).
+        config.partitioning.projection.pca_random_rotate_projection_matrix = True
+    if tree_cfg.spill_threshold:
+        spilling = config.partitioning.query_spilling
+        spilling.spilling_type = spilling.ADDITIVE
+        spilling.spilling_threshold = tree_cfg.spill_threshold
+    return scann_ops_pybind.create_searcher(embeddings, text_format.MessageToString(config))
 
 
 def directory_bytes(directory: str | pathlib.Path) -> int:

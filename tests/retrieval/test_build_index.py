@@ -30,6 +30,15 @@ def test_build_dense_and_bm25_then_load_with_the_factory(tmp_path, reference_dir
     with pytest.raises(ValueError, match="backend must be one of"):
         RetrieverConfig(backend="faiss")
 
+    # The faster tree layout's flags reach the index (rebuilt over the same embedding shards).
+    assert build_index.main(["--corpus", str(corpus), "--out", str(out), "--index_kind", "tree_ah",
+                             "--pca_dims", "64", "--reorder_dtype", "int8", "--spill_threshold", "0.1",
+                             "--leaves_to_search_fraction", "1.0", "--max_length", "64", "--no_progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["index_type"] == "tree_pca_ah_reorder"
+    assert (summary["index_config"]["pca_dims"], summary["index_config"]["spill_threshold"]) == (64, 0.1)
+    assert summary["recall_at_10_vs_exact"] >= 0.9
+
 
 def test_malformed_corpus_line_is_reported_with_file_and_line(tmp_path, capsys):
     corpus = tmp_path / "broken.jsonl"

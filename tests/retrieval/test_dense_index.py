@@ -43,6 +43,51 @@ def test_tree_ah_recall_against_exact(clustered, tmp_path):
     assert recall_at_k(int8.search(queries, 10)[0], exact) >= 0.9
 
 
+def test_adaptive_leaves_per_query(clustered, tmp_path):
+    # Additive spilling: each query searches the leaves scoring within spill_threshold of its
+    # best one (at most 20% of them here), so a tiny threshold searches far fewer leaves.
+    base, queries = clustered
+    exact = exact_search(base, queries, 10)
+
+    def build(threshold):
+        return DenseIndex.build(base, IndexConfig(kind="tree_ah", spill_threshold=threshold,
+                                                  leaves_to_search_fraction=0.2))
+
+    assert recall_at_k(build(0.001).search(queries, 10)[0], exact) < 0.93
+    index = build(0.05)
+    rows, _ = index.search(queries, 10)
+    assert recall_at_k(rows, exact) >= 0.95
+    index.save(tmp_path / "spill")
+    np.testing.assert_array_equal(DenseIndex.load(tmp_path / "spill").search(queries, 10)[0], rows)
+    with pytest.raises(ValueError, match="spill_threshold must be 0"):
+        IndexConfig(spill_threshold=-0.1)
+
+
+def test_tree_on_a_pca_projection(tmp_path):
+    # Clusters whose spectrum decays as all-MiniLM-L6-v2's does (variance ~ 1/i): PCA to half
+    # the dims keeps ~92% of the variance, and exact reordering on the full vectors puts the
+    # neighbours back in order.
+    def decaying(n, seed, dim=128, centers=200):
+        rng, center_rng = np.random.default_rng(seed), np.random.default_rng(99)
+        scale = np.arange(1, dim + 1) ** -0.55
+        rotation = np.linalg.qr(center_rng.normal(size=(dim, dim)))[0]
+        c = center_rng.normal(size=(centers, dim)) * scale
+        x = ((c[rng.integers(0, centers, n)] + 0.5 * rng.normal(size=(n, dim)) * scale) @ rotation).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    base, queries = decaying(30_000, 0), decaying(300, 1)
+    cfg = IndexConfig(kind="tree_ah", pca_dims=64, reorder_dtype="int8")
+    index = DenseIndex.build(base, cfg)
+    assert index.built_type == "tree_pca_ah_reorder"
+    rows, _ = index.search(queries, 10)
+    assert recall_at_k(rows, exact_search(base, queries, 10)) >= 0.95
+    written = index.save(tmp_path / "pca")
+    assert abs(written / len(base) - planned_bytes_per_passage(128, cfg, len(base))) < 0.15 * written / len(base)
+    np.testing.assert_array_equal(DenseIndex.load(tmp_path / "pca").search(queries, 10)[0], rows)
+    with pytest.raises(ValueError, match=r"pca_dims \(128\) must be below the embedding width \(128\)"):
+        DenseIndex.build(base, IndexConfig(kind="tree_ah", pca_dims=128))
+
+
 def test_brute_force_is_exact_below_threshold(clustered):
     base, queries = clustered
     index = DenseIndex.build(base[:5000], IndexConfig())
