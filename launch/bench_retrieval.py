@@ -178,7 +178,9 @@ def run(args: argparse.Namespace) -> dict:
         tree_index, build_s = dense_index.timed_build(base, cfg)
         tree_bytes = tree_index.save(cache / f"scann_tree_ah_{layout}")
         leaves = cfg.leaves(n)
-        fractions = (0.03, 0.04, 0.05, 0.055, 0.06, 0.065, 0.07, 0.08, 0.1, 0.12, 0.16) if not threshold else (0.2,)
+        # A spilling layout's fraction is a cap, not a setting to sweep.
+        fractions = ((cfg.leaves_to_search_fraction,) if threshold else
+                     (0.03, 0.04, 0.05, 0.055, 0.06, 0.065, 0.07, 0.08, 0.1, 0.12, 0.16))
         for fraction in fractions:
             to_search = max(1, round(leaves * fraction))
             record("scann_tree_ah", {"layout": layout, "built_type": tree_index.built_type, "leaves": leaves,
