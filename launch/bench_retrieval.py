@@ -1,10 +1,11 @@
 """Retrieval benchmark: ScaNN against faiss-cpu (IndexFlatIP, IndexHNSWFlat) in one run.
 
-  python launch/benchmark.py --suite=retrieval [-- --sentences --corpus a.jsonl b.tsv --cache_dir ...]
+  python launch/benchmark.py --suite=retrieval [-- --sentences --sentence_window 4 --corpus a.jsonl ...]
 
 On the same all-MiniLM-L6-v2 embeddings of real passages (default: the reference corpora
 under ../shared/reference/corpus, de-duplicated, 14,372 passages; --sentences adds each of
-their sentences as a passage, 67,748 in all; pass other corpora with --corpus)
+their sentences as a passage, 67,748 in all; --sentence_window 4 adds each run
+of 2, 3 and 4 consecutive sentences too, 127,926 in all; pass other corpora with --corpus)
 and real queries (the queries the released model wrote, reference/corpus/*.questions.jsonl):
 queries/s and recall@10 against exact search for every index setting; a head-to-head of each
 ScaNN layout's and each HNSW graph's cheapest setting that reaches the target recall, timed in
@@ -36,7 +37,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference_dir", default=os.environ.get("SEARCHER_REFERENCE", str(DEFAULT_REFERENCE)))
     parser.add_argument("--cache_dir", default=str(REPO_ROOT / "artifacts" / "bench_retrieval"))
     parser.add_argument("--max_length", type=int, default=256, help="encoder max tokens (MiniLM's own limit)")
-    parser.add_argument("--encoder_batch_size", type=int, default=64)
+    parser.add_argument("--encoder_batch_size", type=int, default=0, help="0: the encoder's default")
     parser.add_argument("--num_queries", type=int, default=2000)
     parser.add_argument("--target_recall", type=float, default=0.95)
     parser.add_argument("--pca_dims", type=int, default=160,
@@ -49,6 +50,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sentences", action="store_true",
                         help="also index every sentence (>= 5 words) of every passage as a passage of "
                              "its own, with its title: the 14k reference passages give ~68k real-text ones")
+    parser.add_argument("--sentence_window", type=int, default=1,
+                        help="with --sentences: also every run of 2..N consecutive sentences of a passage")
     parser.add_argument("--out", default="", help="write the result JSON here too")
 
 
@@ -75,7 +78,7 @@ def _timed_qps(search, queries, repeats):
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-SENTENCE_ID_MARK = "#sentence-"  # id of a sentence passage: {passage id}#sentence-{i}
+SENTENCE_ID_MARK = "#sentence"  # ids {passage id}#sentence-{i} and {passage id}#sentences-{i}-{i + 1}
 
 
 def _corpus_files(args) -> list:
@@ -95,25 +98,37 @@ def _corpus_passages(args):
                 passages.append(p)
     yield from passages
     if args.sentences:
-        yield from _sentence_passages(passages)
+        yield from _sentence_passages(passages, window=1)
+    for window in range(2, args.sentence_window + 1) if args.sentences else ():
+        yield from _sentence_passages(passages, window)
 
 
-def _sentence_passages(passages):
-    """Each sentence of a passage's text, >= 5 words, as a passage with the same title (deduplicated)."""
+def _sentence_passages(passages, window: int):
+    """Runs of `window` consecutive sentences of each passage's text (each sentence >= 5 words),
+    as passages with the same title; de-duplicated, and never a passage's whole text."""
     from searcher_jax.retrieval.passage import Passage
     seen = set()
     for p in passages:
         body = p.text if p.format in ("hotpot_abstract", "kilt_100w") else p.render()
-        for i, sentence in enumerate(_SENTENCE_END.split(body.strip())):
-            if len(sentence.split()) >= 5 and (p.title, sentence) not in seen:
-                seen.add((p.title, sentence))
-                yield Passage(id=f"{p.id}{SENTENCE_ID_MARK}{i}", title=p.title, text=" " + sentence, format="hotpot_abstract")
+        sentences = _SENTENCE_END.split(body.strip())
+        if window > 1 and len(sentences) <= window:
+            continue  # the run would repeat the passage itself
+        for i in range(len(sentences) - window + 1):
+            run = sentences[i:i + window]
+            text = " ".join(run)
+            if all(len(x.split()) >= 5 for x in run) and (p.title, text) not in seen:
+                seen.add((p.title, text))
+                suffix = f"-{i}" if window == 1 else f"s-{i}-{i + window - 1}"
+                yield Passage(id=f"{p.id}{SENTENCE_ID_MARK}{suffix}", title=p.title, text=" " + text,
+                              format="hotpot_abstract")
 
 
 def _cache_key(args) -> str:
     stamp = [(str(f), pathlib.Path(f).stat().st_size) for f in _corpus_files(args)] + [args.max_length]
     if args.sentences:
         stamp.append("sentences")
+    if args.sentences and args.sentence_window > 1:
+        stamp.append(f"sentence_window_{args.sentence_window}")
     return hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12]
 
 
@@ -242,7 +257,7 @@ def run(args: argparse.Namespace) -> dict:
         latencies.append(time.perf_counter() - start)
     result = {
         "suite": "retrieval", "corpus": [str(f) for f in (args.corpus or ["reference corpora"])],
-        "sentences_as_passages": args.sentences,
+        "sentences_as_passages": args.sentences, "sentence_window": args.sentence_window if args.sentences else 0,
         "passages": n, "dim": dim, "queries": len(queries), "encoder": "all-MiniLM-L6-v2 (JAX)",
         "max_length": args.max_length, "embedding_shards_computed": computed, "encode_s": round(encode_s, 1),
         "rows": rows_out, "target_recall": args.target_recall,

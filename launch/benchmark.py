@@ -4,6 +4,7 @@
     python launch/benchmark.py --suite=sampler      # vs transformers generate and Tunix
     python launch/benchmark.py --suite=train        # one RL update vs PyTorch, and its MFU
     python launch/benchmark.py --suite=retrieval    # ScaNN vs faiss (flat and HNSW)
+    python launch/benchmark.py --suite=encoder      # MiniLM passage encoding vs transformers
     python launch/benchmark.py --suite=memory_plan  # TPU bytes per device, compiled here
 
 Suite-specific flags follow the suite name: `--suite=sampler -- --batch=16`.
@@ -18,6 +19,7 @@ SUITES = {
     "sampler": "bench_sampler",
     "train": "bench_train",
     "retrieval": "bench_retrieval",
+    "encoder": "bench_encoder",
     "memory_plan": "bench_memory_plan",
 }
 

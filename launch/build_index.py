@@ -25,7 +25,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder_dir", default="", help="local HF BERT directory (default: packaged MiniLM)")
     parser.add_argument("--family", default="", help="bge | e5 | minilm (default: guessed from the directory)")
     parser.add_argument("--max_length", type=int, default=0, help="encoder max tokens (default: the family's)")
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=0,
+                        help="texts per encoder call (0: 16 per CPU device, 64 per accelerator)")
     parser.add_argument("--shard_size", type=int, default=65_536, help="passages per resumable embedding shard")
     parser.add_argument("--index_kind", default="auto", help="auto | brute_force | tree_ah")
     parser.add_argument("--brute_force_below", type=int, default=20_000)

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_queries", type=int, default=1024, help="per request and per batched search")
     parser.add_argument("--max_k", type=int, default=100)
-    parser.add_argument("--encoder_batch_size", type=int, default=32)
+    parser.add_argument("--encoder_batch_size", type=int, default=0, help="0: the encoder's default")
     parser.add_argument("--cpu", action="store_true", help="set JAX_PLATFORMS=cpu")
     args = parser.parse_args(argv)
     if args.cpu:

@@ -55,11 +55,13 @@ class BertLayer(nnx.Module):
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         # x [B, T, H]; bias [B, 1, 1, T] (0 for tokens, a large negative number for padding)
         b, t, h = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, h // self.num_heads)  # [B, T, N, D]
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        scores = jnp.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(h // self.num_heads)
+        # Heads move ahead of tokens before the two attention contractions: on XLA CPU the
+        # [B, N, T, D] layout ran attention ~3x faster than contracting over [B, T, N, D].
+        heads = lambda y: y.reshape(b, t, self.num_heads, h // self.num_heads).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))  # [B, N, T, D]
+        scores = jnp.einsum("bntd,bnsd->bnts", q, k) / np.sqrt(h // self.num_heads)
         probs = jax.nn.softmax(scores.astype(jnp.float32) + bias, axis=-1).astype(x.dtype)
-        attended = jnp.einsum("bnts,bsnd->btnd", probs, v).reshape(b, t, h)
+        attended = jnp.einsum("bnts,bnsd->bntd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, h)
         x = self.attention_norm(x + self.attention_out(attended))
         # BERT's "gelu" is the exact (erf) form.
         return self.output_norm(x + self.output(jax.nn.gelu(self.intermediate(x), approximate=False)))

@@ -67,12 +67,27 @@ def guess_family(directory: pathlib.Path) -> str:
 
 
 def length_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
-    """Powers of two from `smallest` up to max_length, and max_length itself."""
+    """16, 24, 32, 48, 64, 96, ... (a power of two and 1.5x it) below max_length, then max_length.
+
+    Steps of 1.5x bound the padding of a length-sorted batch at a third of it (powers of two
+    wasted up to half: 129 tokens ran as 256) for one more compiled program per octave.
+    """
     buckets, t = [], smallest
     while t < max_length:
         buckets.append(t)
+        if t * 3 // 2 < max_length:
+            buckets.append(t * 3 // 2)
         t *= 2
     return tuple(buckets) + (max_length,)
+
+
+def default_batch_size(devices: Sequence[jax.Device]) -> int:
+    """Texts per encoder call: 16 per CPU device, 64 per accelerator.
+
+    On the 2-core CPU MiniLM ran 6,300 tokens/s at batch 16 against 5,200 at 64 (128 tokens,
+    cache-sized activations); accelerators keep 64 (not re-measured).
+    """
+    return (16 if devices[0].platform == "cpu" else 64) * len(devices)
 
 
 def _pool_and_normalize(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
@@ -95,8 +110,9 @@ class TextEncoder:
     """
 
     def __init__(self, model: bert.BertModel, tokenizer: tokenizers.Tokenizer, spec: EncoderSpec,
-                 batch_size: int = 64, devices: Sequence[jax.Device] | None = None):
+                 batch_size: int = 0, devices: Sequence[jax.Device] | None = None):
         devices = list(devices) if devices is not None else jax.local_devices()
+        batch_size = batch_size or default_batch_size(devices)
         if batch_size % len(devices):
             raise ValueError(f"batch_size {batch_size} must divide evenly over {len(devices)} devices")
         if spec.max_length > model.cfg.max_position_embeddings:

@@ -87,7 +87,7 @@ class RetrieverConfig:
     backend: str = "dense"      # "dense" | "bm25" | "http"
     index_dir: str = ""         # for dense and bm25
     encoder_dir: str = ""       # dense: "" means the encoder recorded in index.json
-    encoder_batch_size: int = 32
+    encoder_batch_size: int = 0  # 0: the encoder's default (16 per CPU device, 64 per accelerator)
     leaves_to_search: int = 0   # dense tree index: 0 means the value it was built with
     url: str = ""               # http: e.g. "http://127.0.0.1:8000"
     api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)

@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers
 
-from searcher_jax.retrieval.encoder import BGE_QUERY_INSTRUCTION, TextEncoder, packaged_minilm_dir
+from searcher_jax.retrieval.encoder import (BGE_QUERY_INSTRUCTION, TextEncoder, default_batch_size, length_buckets,
+                                            packaged_minilm_dir)
 
 SENTENCES = [
     "Irish Home Rule movement party campaigned",
@@ -95,3 +96,31 @@ def test_sharded_batches_keep_order_and_truncate(tmp_path):
     with pytest.raises(ValueError, match="divide evenly"):
         TextEncoder.load(directory, batch_size=12)
     assert json.loads((directory / "config.json").read_text())["hidden_size"] == encoder.dim
+
+
+@pytest.mark.parametrize("max_length", [256, 300, 512, 20, 16])
+def test_length_buckets_pad_a_text_by_at_most_half_its_length(max_length):
+    buckets = length_buckets(max_length)
+    assert buckets[-1] == max_length and list(buckets) == sorted(set(buckets))
+    for length in range(16, max_length + 1):
+        padded = next(b for b in buckets if b >= length)
+        assert padded <= 1.5 * length, (length, padded)
+    assert len(length_buckets(512)) == 11  # compiled programs, at most
+
+
+def test_default_batch_size_is_per_device():
+    cpus = jax.local_devices()
+    assert default_batch_size(cpus[:1]) == 16 and default_batch_size(cpus) == 16 * len(cpus)
+
+
+def test_encoder_benchmark_compares_like_with_like(reference_dir, tmp_path):
+    from launch import bench_encoder
+    out = tmp_path / "encoder.json"
+    assert bench_encoder.main(["--corpus", str(reference_dir / "corpus" / "hotpotqa_qwen.corpus.jsonl"),
+                               "--passages", "24", "--max_length", "64", "--repeats", "1",
+                               "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["passages"] == 24 and result["real_tokens"] > 24
+    assert result["min_cosine"] > 0.9999  # both sides computed the same vectors
+    assert result["ours_jax"]["passages_per_s"] > 0 and result["transformers_torch"]["passages_per_s"] > 0
+    assert 0 < result["floor"]["ours_fraction"] and result["floor"]["passages_per_s_at_matmul_rate"] > 0
