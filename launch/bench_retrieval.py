@@ -8,10 +8,11 @@ their sentences as a passage, 67,748 in all; --sentence_window 4 adds each run
 of 2, 3 and 4 consecutive sentences too, 127,926 in all; pass other corpora with --corpus)
 and real queries (the queries the released model wrote, reference/corpus/*.questions.jsonl):
 queries/s and recall@10 against exact search for every index setting; a head-to-head of each
-ScaNN layout's and each HNSW graph's cheapest setting that reaches the target recall, timed in
-alternating rounds, and the median of the rounds' ScaNN/HNSW ratios; the latency of a 64-query
+ScaNN layout's and each HNSW graph's cheapest setting that reaches the target recall (the
+sweep's first, bisected against the setting before it), timed in alternating rounds, and the
+median of the rounds' ScaNN/HNSW ratios; the latency of a 64-query
 batch through the whole dense retriever (encoder included); bytes per million passages.
-Embeddings are cached under --cache_dir (encoding takes minutes on a CPU).
+Embeddings are cached under --cache_dir (encoding takes minutes on a CPU: 11 for the 67,748).
 
 --real_eval also reports, on the 4,750 HotpotQA abstracts alone, how often our top-3 holds the
 authors' first passage and the gold answer (dense MiniLM exact search, and BM25).
@@ -25,6 +26,7 @@ import pathlib
 import re
 import sys
 import time
+from typing import Callable
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
@@ -53,6 +55,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sentence_window", type=int, default=1,
                         help="with --sentences: also every run of 2..N consecutive sentences of a passage")
     parser.add_argument("--out", default="", help="write the result JSON here too")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuner:
+    """How to rerun a swept setting: make(value) -> (search, DenseIndex or None) for the row key."""
+    family: str  # one layout or one graph: its settings differ only in `key`
+    key: str     # "leaves_to_search" | "spill_threshold" | "efSearch"
+    make: Callable[[float], tuple]
 
 
 def _head_to_head(searches, queries, rounds):
@@ -164,11 +174,13 @@ def run(args: argparse.Namespace) -> dict:
     rows_out = []
 
     searches, indexes = [], []  # each row's search function, and its DenseIndex if it is ours
+    tuners = []  # each row's Tuner, if its setting can be refined
 
-    def record(name, params, search, bytes_used, build_s, index=None):
+    def record(name, params, search, bytes_used, build_s, index=None, tuner=None):
         found, qps = _timed_qps(search, queries, args.repeats)
         searches.append(search)
         indexes.append(index)
+        tuners.append(tuner)
         rows_out.append({"index": name, **params, "qps": round(qps, 1),
                          "recall_at_10": round(dense_index.recall_at_k(found, exact), 4),
                          "bytes_per_million": round(bytes_used / n * 1e6), "build_s": round(build_s, 2)})
@@ -189,6 +201,17 @@ def run(args: argparse.Namespace) -> dict:
         tree_layouts += [(f"pca{args.pca_dims}_int8_spill", t,
                           dataclasses.replace(pca, spill_threshold=t, leaves_to_search_fraction=0.2))
                          for t in (0.09, 0.1, 0.105, 0.11, 0.1125, 0.115, 0.1175, 0.12, 0.13)]
+
+    def leaves_tuner(layout, index):
+        return Tuner(layout, "leaves_to_search",
+                     lambda s: (lambda q: index.search(q, 10, leaves_to_search=s)[0], index))
+
+    def threshold_tuner(layout, cfg):  # a spill threshold is built into the index
+        def make(threshold):
+            index, _ = dense_index.timed_build(base, dataclasses.replace(cfg, spill_threshold=threshold))
+            return (lambda q: index.search(q, 10)[0]), index
+        return Tuner(layout, "spill_threshold", make)
+
     for layout, threshold, cfg in tree_layouts:
         tree_index, build_s = dense_index.timed_build(base, cfg)
         tree_bytes = tree_index.save(cache / f"scann_tree_ah_{layout}")
@@ -201,7 +224,8 @@ def run(args: argparse.Namespace) -> dict:
             record("scann_tree_ah", {"layout": layout, "built_type": tree_index.built_type, "leaves": leaves,
                                      "leaves_to_search": to_search, "spill_threshold": threshold},
                    lambda q, s=to_search, index=tree_index: index.search(q, 10, leaves_to_search=s)[0],
-                   tree_bytes, build_s, tree_index)
+                   tree_bytes, build_s, tree_index,
+                   threshold_tuner(layout, cfg) if threshold else leaves_tuner(layout, tree_index))
 
     flat = faiss.IndexFlatIP(dim)
     flat.add(base)
@@ -213,23 +237,60 @@ def run(args: argparse.Namespace) -> dict:
         hnsw.add(base)
         hnsw_build_s = time.perf_counter() - t
         hnsw_bytes = len(faiss.serialize_index(hnsw))
+
+        def hnsw_search(ef, index=hnsw):  # efSearch per call: the head-to-head reruns settings
+            return lambda q: index.search(q, 10, params=faiss.SearchParametersHNSW(efSearch=ef))[1]
+
+        tuner = Tuner(f"hnsw_M{m}", "efSearch", lambda ef, search=hnsw_search: (search(ef), None))
         for ef in (12, 14, 16, 18, 20, 24, 32, 64, 128):
-            params = faiss.SearchParametersHNSW(efSearch=ef)  # per call: the head-to-head reruns it
-            record("faiss_hnsw", {"M": m, "efSearch": ef},
-                   lambda q, index=hnsw, params=params: index.search(q, 10, params=params)[1],
-                   hnsw_bytes, hnsw_build_s)
+            record("faiss_hnsw", {"M": m, "efSearch": ef}, hnsw_search(ef), hnsw_bytes, hnsw_build_s,
+                   tuner=tuner)
 
-    # Head to head: each layout's cheapest setting that reaches the target recall (recall is
-    # deterministic, so the choice does not depend on a noisy timing), timed in alternating
-    # rounds so that a change in the machine's load hits both sides of each round's ratio.
-    def cheapest(name, key):  # row positions
-        picks = {}
-        for position, row in enumerate(rows_out):  # each sweep runs from cheap to expensive
-            if row["index"] == name and row["recall_at_10"] >= args.target_recall:
-                picks.setdefault(row[key], position)
-        return list(picks.values())
+    # Head to head: each layout's and each graph's cheapest setting that reaches the target
+    # recall (recall is deterministic, so the choice does not depend on a noisy timing), timed
+    # in alternating rounds so that a change in the machine's load hits both sides of each
+    # round's ratio.
+    def passes(search) -> bool:
+        return dense_index.recall_at_k(search(queries), exact) >= args.target_recall
 
-    contenders = cheapest("scann_tree_ah", "layout") + cheapest("faiss_hnsw", "M")
+    def cheapest(family) -> int:
+        """The row of the family's cheapest passing setting: the sweep's first, then bisected
+        between it and the sweep's setting before it (recorded as a new row)."""
+        positions = [p for p, t in enumerate(tuners) if t is not None and t.family == family]
+        first = next(p for p in positions if rows_out[p]["recall_at_10"] >= args.target_recall)
+        if first == positions[0]:
+            return first
+        tuner = tuners[first]
+        below, above = rows_out[positions[positions.index(first) - 1]][tuner.key], rows_out[first][tuner.key]
+        built = {}
+
+        def make(value):
+            if value not in built:
+                built[value] = tuner.make(value)
+            return built[value]
+
+        if isinstance(above, int):
+            while above - below > 1:
+                middle = (above + below) // 2
+                below, above = (below, middle) if passes(make(middle)[0]) else (middle, above)
+        else:
+            for _ in range(4):
+                middle = round((above + below) / 2, 6)
+                below, above = (below, middle) if passes(make(middle)[0]) else (middle, above)
+        if above == rows_out[first][tuner.key]:
+            return first
+        row = rows_out[first]
+        params = {k: v for k, v in row.items() if k not in ("index", "qps", "recall_at_10", "bytes_per_million",
+                                                            "build_s")}
+        search, index = make(above)
+        record(row["index"], {**params, tuner.key: above, "bisected": True}, search,
+               row["bytes_per_million"] * n / 1e6, row["build_s"], index, tuner)
+        return len(rows_out) - 1
+
+    families = list(dict.fromkeys(t.family for t in tuners if t is not None))
+    contenders = [cheapest(f) for f in families
+                  if any(t is not None and t.family == f and row["recall_at_10"] >= args.target_recall
+                         for t, row in zip(tuners, rows_out))]
     qps_by_round = _head_to_head([searches[p] for p in contenders], queries, args.rounds)  # [R, C]
     median_qps = np.median(qps_by_round, axis=0)  # [C]
     head_to_head = [{**rows_out[p], "qps": round(float(q), 1)} for p, q in zip(contenders, median_qps)]
