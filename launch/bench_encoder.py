@@ -13,7 +13,8 @@ import json
 import os
 import pathlib
 import sys
-import time
+
+from bench_common import best_seconds, json_main
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT.parent / "shared" / "reference" / "corpus" / "hotpotqa_qwen.corpus.jsonl"
@@ -28,16 +29,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="")
 
 
-def _best_seconds(fn, repeats):
-    fn()  # warm-up: compiles every length bucket
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _flops_per_token(layers: int, h: int, f: int, seq_len: int) -> float:
     """Forward FLOPs per token: the six dense matmuls per layer, and attention over seq_len keys."""
     return layers * (2 * (4 * h * h + 2 * h * f) + 4 * seq_len * h)
@@ -49,7 +40,7 @@ def _matmul_rate(h: int, f: int, rows: int = 4096) -> float:
     import jax.numpy as jnp
     x, w = jnp.ones((rows, h)), jnp.ones((h, f))
     matmul = jax.jit(lambda x, w: x @ w)
-    seconds = _best_seconds(lambda: matmul(x, w).block_until_ready(), 10)
+    seconds = best_seconds(lambda: matmul(x, w).block_until_ready(), 10, warmups=1)
     return 2 * rows * h * f / seconds
 
 
@@ -63,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     texts = [p.render() for _, p in zip(range(args.passages), corpus_formats.read_corpus(args.corpus))]
     ours = TextEncoder.load(max_length=args.max_length, batch_size=args.batch_size)
     batch_size = ours.batch_size
-    ours_s = _best_seconds(lambda: ours.encode_passages(texts), args.repeats)
+    ours_s = best_seconds(lambda: ours.encode_passages(texts), args.repeats, warmups=1)  # compiles the buckets
     ours_vectors = ours.encode_passages(texts)
 
     directory = packaged_minilm_dir()
@@ -84,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
                 pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
                 theirs_vectors[rows] = pooled.numpy()
 
-    theirs_s = _best_seconds(theirs, args.repeats)
+    theirs_s = best_seconds(theirs, args.repeats, warmups=1)
 
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
     tokens = sum(lengths)
@@ -113,11 +104,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    print(json.dumps(run(args), indent=1))
-    return 0
+    return json_main(__doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

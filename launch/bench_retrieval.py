@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Callable
 
+from bench_common import json_main
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 REFERENCE_SETS = ["hotpotqa_qwen", "hotpotqa_llama", "2wiki_qwen", "bamboogle_qwen", "bamboogle_llama"]
@@ -361,11 +363,7 @@ def real_eval(store, base, reference_dir: pathlib.Path, encoder) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    print(json.dumps(run(args), indent=1))
-    return 0
+    return json_main(__doc__, add_args, run, argv)
 
 
 if __name__ == "__main__":

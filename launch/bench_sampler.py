@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+from bench_common import best_seconds  # pylint: disable=wrong-import-position
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,15 +44,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best kept)")
     p.add_argument("--skip", default="", help="comma list of: transformers,tunix,floor,rollout,scan")
     return p
-
-
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _write_checkpoint(args, directory: str):
@@ -230,15 +222,15 @@ def run(args) -> dict:
                                       copy_scan_layers=copy_scan)
             per_layer_model = per_layer_model or (None if scan else model)
             ours_tokens = _our_generate(smp, prompts)  # compiles
-            report(name, _best_time(lambda: _our_generate(smp, prompts), args.repeats))
+            report(name, best_seconds(lambda: _our_generate(smp, prompts), args.repeats))
             results[name]["compiled"] = smp.num_compiled
         if "floor" not in skip:
             floor = _matmul_floor(per_layer_model, b, n)
             floor()
-            report("matmul_floor", _best_time(floor, args.repeats))
+            report("matmul_floor", best_seconds(floor, args.repeats))
         if "transformers" not in skip:
             hf_tokens = _transformers_generate(hf_model, prompts, 4)  # warm-up
-            report("transformers", _best_time(
+            report("transformers", best_seconds(
                 lambda: _transformers_generate(hf_model, prompts, n), args.repeats))
             hf_tokens = _transformers_generate(hf_model, prompts, n)
             results["greedy_tokens_equal_transformers"] = float(np.mean(hf_tokens == ours_tokens))
@@ -255,14 +247,14 @@ def run(args) -> dict:
                                  temperature=0.0, eos_tokens=[-1])
 
                 tunix_generate()
-                report("tunix", _best_time(tunix_generate, args.repeats))
+                report("tunix", best_seconds(tunix_generate, args.repeats))
 
         if "rollout" not in skip:
             rollout_len = p + (args.rounds + 1) * n + args.rounds * args.doc_tokens
             _, smp = _our_sampler(directory, args, False, max_len=rollout_len)
             ours = _our_rollout(smp, prompts, docs)  # compiles
             rollout_tokens = b * n * (args.rounds + 1)
-            report("rollout_ours_resume", _best_time(
+            report("rollout_ours_resume", best_seconds(
                 lambda: _our_rollout(smp, prompts, docs), args.repeats), rollout_tokens)
             results["rollout_ours_resume"]["compiled"] = smp.num_compiled
             if "transformers" not in skip:

@@ -10,6 +10,7 @@ import transformers
 
 from searcher_jax.retrieval.encoder import (BGE_QUERY_INSTRUCTION, TextEncoder, default_batch_size, length_buckets,
                                             packaged_minilm_dir)
+from tests.conftest import REPO_ROOT
 
 SENTENCES = [
     "Irish Home Rule movement party campaigned",
@@ -113,8 +114,9 @@ def test_default_batch_size_is_per_device():
     assert default_batch_size(cpus[:1]) == 16 and default_batch_size(cpus) == 16 * len(cpus)
 
 
-def test_encoder_benchmark_compares_like_with_like(reference_dir, tmp_path):
-    from launch import bench_encoder
+def test_encoder_benchmark_compares_like_with_like(reference_dir, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "launch"))  # as launch/benchmark.py runs the suites
+    import bench_encoder  # pylint: disable=import-outside-toplevel
     out = tmp_path / "encoder.json"
     assert bench_encoder.main(["--corpus", str(reference_dir / "corpus" / "hotpotqa_qwen.corpus.jsonl"),
                                "--passages", "24", "--max_length", "64", "--repeats", "1",
