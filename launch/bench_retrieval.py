@@ -10,7 +10,8 @@ and real queries (the queries the released model wrote, reference/corpus/*.quest
 queries/s and recall@10 against exact search for every index setting; a head-to-head of each
 ScaNN layout's and each HNSW graph's cheapest setting that reaches the target recall (the
 sweep's first, bisected against the setting before it), timed in alternating rounds, and the
-median of the rounds' ScaNN/HNSW ratios; the latency of a 64-query
+median of the rounds' ScaNN/HNSW ratios; the best ScaNN setting with the wheel's own
+kernels against AVX2 (searcher_jax/retrieval/scann_kernels.py); the latency of a 64-query
 batch through the whole dense retriever (encoder included); bytes per million passages.
 Embeddings are cached under --cache_dir (encoding takes minutes on a CPU: 11 for the 67,748).
 
@@ -87,6 +88,24 @@ def _timed_qps(search, queries, repeats):
         rows = search(queries)
         best = min(best, time.perf_counter() - start)
     return rows, len(queries) / best
+
+
+def _kernel_speedup(search, queries, rounds) -> dict:
+    """The same ScaNN search with the wheel's own kernels (SSE4) and with AVX2, in alternating rounds."""
+    import numpy as np
+    from searcher_jax.retrieval import scann_kernels
+
+    def under(avx2):
+        def run(q):
+            with scann_kernels.avx2(avx2):
+                return search(q)
+        return run
+
+    qps = _head_to_head([under(False), under(True)], queries, rounds)  # [R, 2]
+    return {"used": "avx2" if scann_kernels.avx2_enabled() else "scann's own choice",
+            "wheel_default_qps": round(float(np.median(qps[:, 0])), 1),
+            "avx2_qps": round(float(np.median(qps[:, 1])), 1),
+            "avx2_speedup": round(float(np.median(qps[:, 1] / qps[:, 0])), 2)}
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -309,6 +328,7 @@ def run(args: argparse.Namespace) -> dict:
                  "rounds": len(per_round)}
     best_position = contenders[head_to_head.index(scann_best)] if scann_best else \
         next(p for p, row in enumerate(rows_out) if row["index"] == "scann_tree_ah")
+    kernels = _kernel_speedup(searches[best_position], queries, args.rounds)
     retriever = DenseRetriever(store, encoder, indexes[best_position],
                                leaves_to_search=rows_out[best_position]["leaves_to_search"])
     batch = query_texts[:64]
@@ -325,7 +345,7 @@ def run(args: argparse.Namespace) -> dict:
         "max_length": args.max_length, "embedding_shards_computed": computed, "encode_s": round(encode_s, 1),
         "rows": rows_out, "target_recall": args.target_recall,
         "scann_best": scann_best, "hnsw_best": hnsw_best,
-        "head_to_head": head_to_head, "scann_over_hnsw_qps": ratio,
+        "head_to_head": head_to_head, "scann_over_hnsw_qps": ratio, "scann_kernels": kernels,
         "latency_64_queries_with_encoder_s": {"median": round(float(np.median(latencies)), 4),
                                               "min": round(min(latencies), 4)},
         "cpu_count": os.cpu_count(),

@@ -51,7 +51,7 @@ def build(args: argparse.Namespace) -> dict:
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import numpy as np
-    from searcher_jax.retrieval import bm25, corpus_formats, corpus_store, dense_index
+    from searcher_jax.retrieval import bm25, corpus_formats, corpus_store, dense_index, scann_kernels
 
     backends = [b for b in args.backends.split(",") if b]
     unknown = set(backends) - {"dense", "bm25"}
@@ -104,6 +104,7 @@ def build(args: argparse.Namespace) -> dict:
         recall = dense_index.recall_at_k(index.search(queries, k)[0], dense_index.exact_search(vectors, queries, k))
         summary.update({
             "dim": int(vectors.shape[1]), "index_config": dataclasses.asdict(cfg), "index_type": index.built_type,
+            "scann_kernels": "avx2" if scann_kernels.avx2_enabled() else "scann's own choice",
             "dense_bytes": dense_bytes, "dense_bytes_per_million_passages": dense_bytes / num * 1e6,
             "planned_bytes_per_million_passages": dense_index.planned_bytes_per_passage(
                 vectors.shape[1], cfg, num) * 1e6,

@@ -19,6 +19,8 @@ from google.protobuf import text_format
 from scann import scann_ops_pybind
 from scann.proto import scann_pb2
 
+from searcher_jax.retrieval import scann_kernels
+
 REORDER_TYPES = {"float32": scann.ReorderType.FLOAT32, "bfloat16": scann.ReorderType.BFLOAT16,
                  "int8": scann.ReorderType.INT8}
 REORDER_BYTES_PER_DIM = {"float32": 4, "bfloat16": 2, "int8": 1, "none": 0}
@@ -120,6 +122,7 @@ class DenseIndex:
     """Maximum inner product search over unit vectors; returns rows and scores."""
 
     def __init__(self, searcher, num_passages: int, dim: int, built_type: str, leaves_to_search: int):
+        scann_kernels.enable_default()
         self._searcher = searcher
         self.num_passages = num_passages
         self.dim = dim
