@@ -10,6 +10,9 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.21.0",
     "safetensors>=0.4.5",
     "tensorflow-datasets>=4.9.7",
+    # tensorflow-datasets imports it when it builds a dataset (data/question_records.py) but
+    # declares it only for Python < 3.9.
+    "importlib_resources>=6.0",
     "grain>=0.2.10",
     "scann>=1.4.0",
     "bm25s>=0.2.10",

@@ -8,7 +8,7 @@ from searcher_jax.data.prompts import PROMPT_STYLES
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    train_file: str = ""  # questions (jsonl: question + answer, see data/questions.py)
+    train_file: str = ""  # questions (jsonl: question + answer, or DIR:SPLIT; data/questions.py)
     eval_file: str = ""  # "" for no evaluation during training
     prompt_style: str = "base"  # "base" (no chat template) | "instruct" (chat template)
     max_prompt_len: int = 1024  # longer prompts are dropped with a warning

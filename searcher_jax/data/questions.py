@@ -1,5 +1,8 @@
 """Question files, and the resumable order in which training visits them.
 
+A `DIR:SPLIT` path reads a split of a question_records dataset (array_record files written
+by launch/build_questions.py, see data/question_records.py) instead of a file.
+
 Formats read (one JSON object per line in .jsonl, or a .json file holding a list):
     R1-Searcher training/eval sets and the synthetic world:  idx, question, answer, ...
     reference/corpus/*.questions.jsonl:                      qidx, question, answer, ...
@@ -25,7 +28,13 @@ class Question:
 
 
 def read_questions(path) -> list[Question]:
-    """Reads a question file (local or gs://); raises ValueError naming file and line."""
+    """Reads a question file (local or gs://), or `DIR:SPLIT` of a question_records dataset;
+    raises ValueError naming file and line."""
+    if ":" in str(path).rstrip("/").rpartition("/")[2]:
+        from searcher_jax.data import question_records  # imports TFDS: only for DIR:SPLIT
+        spec = question_records.split_spec(path)
+        if spec is not None:
+            return question_records.read_records(*spec)
     path = epath.Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":

@@ -1,0 +1,88 @@
+"""Question files as a TFDS dataset of array_record files, written and read without TensorFlow.
+
+    python launch/build_questions.py --out gs://bucket/questions \\
+        train=.../stage_2.jsonl hotpotqa=.../hotpotqa_500.jsonl
+
+writes one array_record split per file, and its dataset_info.json, under
+`OUT/question_records/1.0.0`. Each record holds one question's id, text and gold answers,
+parsed and checked by `read_questions` when the dataset is built, so a malformed row stops
+the build with its file and line instead of a run hours later. A run names a split with
+`DIR:SPLIT` wherever it takes a question file:
+`--config.data.train_file=gs://bucket/questions/question_records/1.0.0:train`.
+Records are read with random access (tfds.data_source), never all decoded up front by TFDS;
+TFDS stores them in an order of its own (a hash of each question's position in its file).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from searcher_jax.data.questions import Question, read_questions
+
+class QuestionRecords(tfds.core.GeneratorBasedBuilder):
+    """Splits named by the user, each one question file in any format read_questions reads."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "id, question, answers."}
+
+    def __init__(self, *, split_files: Mapping[str, str] | None = None, **kwargs):
+        self._split_files = dict(split_files or {})
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "question": tfds.features.Text(),
+            "answers": tfds.features.Sequence(tfds.features.Text()),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(path) for split, path in self._split_files.items()}
+
+    def _generate_examples(self, path):
+        for position, q in enumerate(read_questions(path)):
+            yield position, {"id": q.id, "question": q.question, "answers": list(q.answers)}
+
+
+def write_records(split_files: Mapping[str, str], data_dir) -> epath.Path:
+    """Builds the dataset under data_dir; returns its directory (DIR of `DIR:SPLIT`)."""
+    if not split_files:
+        raise ValueError("give at least one SPLIT=FILE")
+    for split in split_files:
+        if not split.replace("_", "").isalnum():
+            raise ValueError(f"split name {split!r}: use letters, digits and _ only")
+    builder = QuestionRecords(split_files=split_files, data_dir=str(data_dir), file_format="array_record")
+    if builder.data_path.exists():
+        raise FileExistsError(f"{builder.data_path} exists: give another --out or remove it")
+    builder.download_and_prepare()
+    return epath.Path(builder.data_path)
+
+
+def split_sizes(directory) -> dict[str, int]:
+    return {name: split.num_examples for name, split in tfds.builder_from_directory(str(directory)).info.splits.items()}
+
+
+def split_spec(path: str) -> tuple[str, str] | None:
+    """(directory, split) for `DIR:SPLIT` naming a question_records dataset, else None."""
+    head, _, last = str(path).rstrip("/").rpartition("/")
+    if ":" not in last:  # gs:// has its colon before the last "/"
+        return None
+    name, _, split = last.rpartition(":")
+    directory = epath.Path(f"{head}/{name}" if head else name)
+    return (str(directory), split) if (directory / "dataset_info.json").exists() else None
+
+
+def read_records(directory, split: str) -> list[Question]:
+    """A split's questions, in the dataset's stored order."""
+    builder = tfds.builder_from_directory(str(directory))
+    if split not in builder.info.splits:
+        raise ValueError(f"{directory}: no split {split!r} (has {sorted(builder.info.splits)})")
+    source = builder.as_data_source(split=split)
+    return [Question(id=_text(r["id"]), question=_text(r["question"]),
+                     answers=tuple(_text(a) for a in r["answers"])) for r in source]
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,63 @@
+"""Question files as array_record splits (TFDS, no TensorFlow), read back where a file is read."""
+import json
+import sys
+
+import pytest
+
+from searcher_jax.data import question_records
+from searcher_jax.data.questions import read_questions
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def records(reference_dir, tmp_path_factory):
+    files = {"train": reference_dir / "r1searcher/training_set/stage_1.jsonl",
+             "bamboogle": reference_dir / "r1searcher/eval_set/bamboogle.jsonl"}
+    return files, question_records.write_records(files, tmp_path_factory.mktemp("questions"))
+
+
+def test_splits_hold_the_files_questions(records):
+    files, directory = records
+    assert question_records.split_sizes(directory) == {"train": 350, "bamboogle": 125}
+    for split, path in files.items():
+        stored = read_questions(f"{directory}:{split}")  # the path a config gives
+        assert sorted(stored, key=lambda q: q.id) == sorted(read_questions(path), key=lambda q: q.id)
+    assert all(isinstance(a, str) for q in stored for a in q.answers)
+
+
+def test_unknown_split_and_existing_dataset_are_errors(records):
+    files, directory = records
+    with pytest.raises(ValueError, match=r"no split 'test' \(has \['bamboogle', 'train'\]\)"):
+        read_questions(f"{directory}:test")
+    with pytest.raises(FileExistsError, match="exists"):
+        question_records.write_records(files, directory.parent.parent)
+
+
+def test_a_malformed_row_stops_the_build_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?", "answer": "a"}\n{"question": "", "answer": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: missing or non-string 'question'"):
+        question_records.write_records({"train": bad}, tmp_path / "out")
+    with pytest.raises(ValueError, match="split name"):
+        question_records.write_records({"train/x": bad}, tmp_path / "out")
+
+
+def test_paths_without_a_split_are_files(tmp_path):
+    assert question_records.split_spec("gs://bucket/stage_2.jsonl") is None
+    odd = tmp_path / "a:b.jsonl"  # a colon in a file name, not a dataset
+    odd.write_text('{"question": "q?", "answer": "a"}\n')
+    assert question_records.split_spec(str(odd)) is None
+    assert read_questions(odd)[0].question == "q?"
+
+
+def test_cli(records, tmp_path, capsys, monkeypatch):
+    files, _ = records
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "launch"))
+    import build_questions
+    assert build_questions.main(["--out", str(tmp_path), f"train={files['bamboogle']}"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"] == {"train": 125}
+    assert len(read_questions(summary["use"]["train"])) == 125
+    assert build_questions.main(["--out", str(tmp_path / "x"), "train"]) == 2
+    assert "expected SPLIT=FILE" in capsys.readouterr().err
+    sys.modules.pop("build_questions", None)
