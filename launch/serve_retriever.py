@@ -25,12 +25,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
-    from searcher_jax.retrieval.retriever import RetrieverConfig, make_retriever
+    from searcher_jax.retrieval.retriever import RetrieverConfig, make_backend
     from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
 
-    retriever = make_retriever(RetrieverConfig(backend=args.backend, index_dir=args.index_dir,
-                                               encoder_dir=args.encoder_dir,
-                                               encoder_batch_size=args.encoder_batch_size))
+    retriever = make_backend(RetrieverConfig(backend=args.backend, index_dir=args.index_dir,
+                                             encoder_dir=args.encoder_dir,
+                                             encoder_batch_size=args.encoder_batch_size))
     server = RetrievalServer(retriever, host=args.host, port=args.port,
                              limits=ServerLimits(max_queries=args.max_queries, max_k=args.max_k),
                              num_passages=len(retriever.store))

@@ -1,5 +1,6 @@
 """A two-process run (2 CPU processes x 2 devices, jax.distributed over gloo) against the
-same run in one process with 4 devices: the same rollouts, rewards, losses and weights."""
+same run in one process with 4 devices: the same rollouts, rewards, losses and weights,
+whether every process searches or process 0 searches and broadcasts the passages."""
 import json
 import os
 import socket
@@ -35,28 +36,44 @@ def _metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _two_processes(args):
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    processes = [subprocess.Popen(
+        [sys.executable, *args, "--distributed",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+        env=_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for i in (0, 1)]
+    logs = []
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        logs.append(stderr)
+    return logs
+
+
+# Every process searching the same queries, and process 0 searching then broadcasting.
+SEARCH_ON = ("every_process", "process_0")
+
+
 @pytest.fixture(scope="module")
 def runs(world_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     single = subprocess.run([sys.executable, *_args(world_model_dir, root / "single")],
                             env=_env(4), capture_output=True, text=True, timeout=600, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        port = probe.getsockname()[1]
-    processes = [subprocess.Popen(
-        [sys.executable, *_args(world_model_dir, root / "multi"), "--distributed",
-         f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-        env=_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in (0, 1)]
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
-    return root / "single", root / "multi"
+    for search_on in SEARCH_ON:
+        logs = _two_processes([*_args(world_model_dir, root / search_on),
+                               f"--config.retriever.search_on={search_on}"])
+        broadcasting = ["process 0 of 2 searches and broadcasts" in log for log in logs]
+        assert broadcasting == [search_on == "process_0"] * 2, search_on
+    return root
 
 
-def test_two_processes_log_what_one_process_logs(runs):
-    single, multi = runs
+@pytest.mark.parametrize("search_on", SEARCH_ON)
+def test_two_processes_log_what_one_process_logs(runs, search_on):
+    single, multi = runs / "single", runs / search_on
     one, two = _metrics(single), _metrics(multi)
     assert [(r["kind"], r["step"]) for r in two] == [("eval", 0), ("train", 1), ("train", 2),
                                                       ("eval", 2)]
@@ -67,8 +84,9 @@ def test_two_processes_log_what_one_process_logs(runs):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
 
 
-def test_two_processes_train_the_same_weights(runs):
-    single, multi = runs
+@pytest.mark.parametrize("search_on", SEARCH_ON)
+def test_two_processes_train_the_same_weights(runs, search_on):
+    single, multi = runs / "single", runs / search_on
     one, two = hf_io.load_pretrained(single / "hf"), hf_io.load_pretrained(multi / "hf")
     for name in ("embed", "final_norm"):
         np.testing.assert_allclose(np.asarray(getattr(two, name)[...]),

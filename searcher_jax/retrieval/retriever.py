@@ -8,6 +8,7 @@ An index directory (written by launch/build_index.py) holds:
 """
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Protocol, Sequence
 
@@ -19,6 +20,7 @@ from searcher_jax.retrieval.dense_index import DenseIndex
 from searcher_jax.retrieval.passage import Passage
 
 BACKENDS = ("dense", "bm25", "http")
+SEARCH_ON = ("every_process", "process_0")
 
 
 class Retriever(Protocol):
@@ -93,10 +95,16 @@ class RetrieverConfig:
     api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)
     timeout_s: float = 60.0
     retries: int = 4            # http: transient failures retried with backoff 1, 2, 4, 8 s
+    # Multi-host runs: "every_process" searches the same queries on every process (each holds
+    # the index or calls the server); "process_0" searches on process 0 only and broadcasts
+    # the passages, so only process 0 loads the index (retrieval/process_zero.py).
+    search_on: str = "every_process"
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"retriever backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.search_on not in SEARCH_ON:
+            raise ValueError(f"retriever search_on must be one of {SEARCH_ON}, got {self.search_on!r}")
 
 
 def read_index_meta(index_dir: str | pathlib.Path) -> dict:
@@ -106,7 +114,21 @@ def read_index_meta(index_dir: str | pathlib.Path) -> dict:
     return json.loads(meta_file.read_text())
 
 
-def make_retriever(cfg: RetrieverConfig) -> HitRetriever:
+def make_retriever(cfg: RetrieverConfig) -> Retriever:
+    """The backend a config names; with search_on="process_0" in a multi-process run, that
+    backend on process 0 behind a broadcast, and no index on the other processes."""
+    if cfg.search_on == "process_0":
+        import jax
+        if jax.process_count() > 1:
+            from searcher_jax.retrieval.process_zero import ProcessZeroRetriever
+            process = jax.process_index()
+            logging.info("retrieval: process 0 of %d searches and broadcasts the passages",
+                         jax.process_count())
+            return ProcessZeroRetriever(make_backend(cfg) if process == 0 else None, process)
+    return make_backend(cfg)
+
+
+def make_backend(cfg: RetrieverConfig) -> HitRetriever:
     """The backend a config names, loaded from its index directory (or pointed at its URL)."""
     if cfg.backend == "http":
         from searcher_jax.retrieval.http_client import HttpRetriever

@@ -1,0 +1,59 @@
+"""Multi-host retrieval from one process: process 0 searches, every process gets the passages.
+
+With `retriever.search_on="process_0"` only process 0 loads the index (a 21M-passage
+index need not sit in every host's RAM) or calls the HTTP server (one request per round,
+not one per host). Every process still calls `search` with the same queries at the same
+point of the rollout (DESIGN.md, point 5), so the broadcast is a collective all enter.
+A failure on process 0 is broadcast too, and every process raises it: none is left
+waiting in a collective the others have abandoned.
+"""
+import dataclasses
+import json
+from typing import Sequence
+
+import numpy as np
+
+from searcher_jax.retrieval.passage import Passage
+
+
+def encode_results(results: list[list[Passage]] | None, error: str = "") -> bytes:
+    rows = None if results is None else [[dataclasses.asdict(p) for p in row] for row in results]
+    return json.dumps({"results": rows, "error": error}).encode("utf-8")
+
+
+def decode_results(payload: bytes) -> list[list[Passage]]:
+    message = json.loads(payload.decode("utf-8"))
+    if message["error"]:
+        raise RuntimeError(f"retrieval on process 0 failed: {message['error']}")
+    return [[Passage(**p) for p in row] for row in message["results"]]
+
+
+def broadcast_bytes(payload: bytes) -> bytes:
+    """Process 0's payload, on every process (the others' payloads are ignored)."""
+    from jax.experimental import multihost_utils
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    # A power-of-two buffer: each new shape compiles a new broadcast program.
+    buffer = np.zeros(1 << max(10, (size - 1).bit_length()), np.uint8)  # [bucket]
+    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)[:size]
+    return np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size].tobytes()
+
+
+class ProcessZeroRetriever:
+    """`search` runs `inner` on process 0 (None on the others) and broadcasts its result."""
+
+    def __init__(self, inner, process_index: int, broadcast=broadcast_bytes):
+        if (inner is None) != (process_index != 0):
+            raise ValueError("process 0, and only process 0, needs the inner retriever")
+        self.inner, self.process_index, self._broadcast = inner, process_index, broadcast
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
+        payload, failure = b"", None
+        if self.process_index == 0:
+            try:
+                payload = encode_results(self.inner.search(queries, k))
+            except Exception as e:  # noqa: BLE001 - every process must learn of it, then raise
+                payload, failure = encode_results(None, error=f"{type(e).__name__}: {e}"), e
+        received = self._broadcast(payload)
+        if failure is not None:
+            raise failure  # process 0 keeps its own traceback
+        return decode_results(received)

@@ -1,0 +1,66 @@
+"""Process-0 retrieval: the passages and failures every process receives (two processes
+simulated by a shared broadcast; tests/test_multihost.py runs it over jax.distributed)."""
+import pytest
+
+from searcher_jax.retrieval.passage import Passage
+from searcher_jax.retrieval.process_zero import (ProcessZeroRetriever, broadcast_bytes, decode_results,
+                                                 encode_results)
+from searcher_jax.retrieval.retriever import RetrieverConfig, make_retriever
+
+PASSAGES = [[Passage("7", "Zürich", " A city — on the Limmat.", "hotpot_abstract")],
+            [Passage("9", "", '"Fezeith"\nAcademy', "flashrag"), Passage("1", "T", "x", "raw")]]
+
+
+class Fixed:
+    def __init__(self, error=None):
+        self.calls, self.error = [], error
+
+    def search(self, queries, k):
+        self.calls.append((list(queries), k))
+        if self.error:
+            raise self.error
+        return PASSAGES[:len(queries)]
+
+
+def _two_processes(inner):
+    sent = {}
+
+    def broadcast(payload):  # process 0 calls first; the other process gets its payload
+        return sent.setdefault("payload", payload)
+
+    return ProcessZeroRetriever(inner, 0, broadcast), ProcessZeroRetriever(None, 1, broadcast)
+
+
+def test_round_trip_keeps_every_field():
+    assert decode_results(encode_results(PASSAGES)) == PASSAGES
+
+
+def test_broadcast_pads_to_a_bucket_and_returns_the_payload():
+    payload = encode_results(PASSAGES) * 40  # 4-8 KB: not a power of two
+    assert broadcast_bytes(payload) == payload  # one process: its own payload, unpadded
+
+
+def test_only_process_zero_searches_and_both_get_its_passages():
+    inner = Fixed()
+    zero, one = _two_processes(inner)
+    assert zero.search(["q1", "q2"], 3) == PASSAGES
+    assert one.search(["q1", "q2"], 3) == PASSAGES
+    assert inner.calls == [(["q1", "q2"], 3)]
+
+
+def test_a_failure_on_process_zero_is_raised_everywhere():
+    zero, one = _two_processes(Fixed(error=ConnectionError("server down")))
+    with pytest.raises(ConnectionError, match="server down"):
+        zero.search(["q"], 3)
+    with pytest.raises(RuntimeError, match="retrieval on process 0 failed: ConnectionError: server down"):
+        one.search(["q"], 3)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="process 0, and only process 0"):
+        ProcessZeroRetriever(None, 0)
+    with pytest.raises(ValueError, match="search_on must be one of"):
+        RetrieverConfig(search_on="host_0")
+    # One process: no broadcast, the backend itself.
+    retriever = make_retriever(RetrieverConfig(backend="http", url="http://127.0.0.1:9", search_on="process_0"))
+    assert not isinstance(retriever, ProcessZeroRetriever)
