@@ -7,7 +7,7 @@ writes one array_record split per file, and its dataset_info.json, under
 `OUT/question_records/1.0.0`. Each record holds one question's id, text and gold answers,
 parsed and checked by `read_questions` when the dataset is built, so a malformed row stops
 the build with its file and line instead of a run hours later. A run names a split with
-`DIR:SPLIT` wherever it takes a question file:
+`DIR:SPLIT` wherever it takes a question file (data/questions.py parses it):
 `--config.data.train_file=gs://bucket/questions/question_records/1.0.0:train`.
 Records are read with random access (tfds.data_source), never all decoded up front by TFDS;
 TFDS stores them in an order of its own (a hash of each question's position in its file).
@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from searcher_jax.data.questions import Question, read_questions
+
 
 class QuestionRecords(tfds.core.GeneratorBasedBuilder):
     """Splits named by the user, each one question file in any format read_questions reads."""
@@ -62,16 +63,6 @@ def write_records(split_files: Mapping[str, str], data_dir) -> epath.Path:
 
 def split_sizes(directory) -> dict[str, int]:
     return {name: split.num_examples for name, split in tfds.builder_from_directory(str(directory)).info.splits.items()}
-
-
-def split_spec(path: str) -> tuple[str, str] | None:
-    """(directory, split) for `DIR:SPLIT` naming a question_records dataset, else None."""
-    head, _, last = str(path).rstrip("/").rpartition("/")
-    if ":" not in last:  # gs:// has its colon before the last "/"
-        return None
-    name, _, split = last.rpartition(":")
-    directory = epath.Path(f"{head}/{name}" if head else name)
-    return (str(directory), split) if (directory / "dataset_info.json").exists() else None
 
 
 def read_records(directory, split: str) -> list[Question]:

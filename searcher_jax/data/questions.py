@@ -30,11 +30,10 @@ class Question:
 def read_questions(path) -> list[Question]:
     """Reads a question file (local or gs://), or `DIR:SPLIT` of a question_records dataset;
     raises ValueError naming file and line."""
-    if ":" in str(path).rstrip("/").rpartition("/")[2]:
+    spec = split_spec(path)
+    if spec is not None:
         from searcher_jax.data import question_records  # imports TFDS: only for DIR:SPLIT
-        spec = question_records.split_spec(path)
-        if spec is not None:
-            return question_records.read_records(*spec)
+        return question_records.read_records(*spec)
     path = epath.Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -61,6 +60,16 @@ def read_questions(path) -> list[Question]:
         raise ValueError(f"{path}: no questions in file")
     return [_parse_row(row, f"{path}, {where}", default_id=str(n))
             for where, n, row in numbered]
+
+
+def split_spec(path) -> tuple[str, str] | None:
+    """(directory, split) for `DIR:SPLIT` naming a question_records dataset, else None."""
+    head, _, last = str(path).rstrip("/").rpartition("/")
+    if ":" not in last:  # gs:// has its colon before the last "/"
+        return None
+    name, _, split = last.rpartition(":")
+    directory = epath.Path(f"{head}/{name}" if head else name)
+    return (str(directory), split) if (directory / "dataset_info.json").exists() else None
 
 
 def _parse_row(row, where: str, default_id: str) -> Question:

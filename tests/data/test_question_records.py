@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from searcher_jax.data import question_records
-from searcher_jax.data.questions import read_questions
+from searcher_jax.data.questions import read_questions, split_spec
 from tests.conftest import REPO_ROOT
 
 
@@ -43,10 +43,10 @@ def test_a_malformed_row_stops_the_build_with_file_and_line(tmp_path):
 
 
 def test_paths_without_a_split_are_files(tmp_path):
-    assert question_records.split_spec("gs://bucket/stage_2.jsonl") is None
+    assert split_spec("gs://bucket/stage_2.jsonl") is None
     odd = tmp_path / "a:b.jsonl"  # a colon in a file name, not a dataset
     odd.write_text('{"question": "q?", "answer": "a"}\n')
-    assert question_records.split_spec(str(odd)) is None
+    assert split_spec(str(odd)) is None
     assert read_questions(odd)[0].question == "q?"
 
 
