@@ -6,7 +6,7 @@ fallbacks: the asymmetric-hashing scan (LUT16Sse4, half of a tree + AH search), 
 centroid and reordering dot products. The AVX2 versions are in the same binary, and ScaNN
 reads its choice from an exported flag (research_scann::flags_internal::should_use_avx2)
 on every search. Setting that flag where the CPU has AVX2 and FMA gives the same results
-(rows identical, scores within 1e-7 on the retrieval benchmark) about 1.3x faster
+(rows identical, scores within 1.2e-7 on the retrieval benchmark) about 1.3x faster
 (README, Benchmarks). AVX-512 is left off: ScaNN calls it experimental, and on the AMD
 EPYC it was measured on it was no faster than AVX2.
 
