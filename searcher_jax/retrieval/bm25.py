@@ -42,7 +42,11 @@ class BM25Index:
         return cls(model, len(store))
 
     def search(self, queries: Sequence[str], k: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per query: rows and scores of the top-k passages sharing a term with it (maybe fewer)."""
+        """-> (rows, scores): per query, int64 [m] and float32 [m], best first, m <= min(k, N).
+
+        The passages are distinct and each shares a term with the query (score > 0), so a
+        query sharing terms with fewer than min(k, N) passages gets fewer.
+        """
         k = min(k, self.num_passages)
         if not queries or k == 0:
             return [np.zeros(0, np.int64)] * len(queries), [np.zeros(0, np.float32)] * len(queries)

@@ -54,7 +54,7 @@ class IndexConfig:
     anisotropic_threshold: float = 0.2
     reorder_dtype: str = "float32"  # "float32" | "bfloat16" | "int8" | "none"
     reorder_neighbors: int = 50    # 100 gained < 0.001 recall@10 over 50 and cost ~10% q/s
-    max_k: int = 100               # the largest k a search may ask for
+    max_k: int = 100               # ScaNN's default k (search asks for its own)
 
     def __post_init__(self):
         if self.kind not in ("auto", "brute_force", "tree_ah"):
@@ -128,6 +128,7 @@ class DenseIndex:
         self.dim = dim
         self.built_type = built_type
         self._leaves_to_search = leaves_to_search
+        self._num_leaves, self._reorder_depth = tree_and_reorder_sizes(searcher.config())
 
     @classmethod
     def build(cls, embeddings: np.ndarray, cfg: IndexConfig) -> "DenseIndex":
@@ -160,18 +161,43 @@ class DenseIndex:
 
     def search(self, queries: np.ndarray, k: int,
                leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """queries [B, D] -> (rows [B, k'] int64, scores [B, k'] float32), k' = min(k, N)."""
+        """queries [B, D] -> (rows [B, k'] int64, scores [B, k'] float32), k' = min(k, N).
+
+        Each query gets k' distinct corpus rows, best first, with finite scores. Raises
+        ValueError for queries not [B, D], and RuntimeError when the leaves a query may
+        search hold fewer than k' passages (a tree index with spill_threshold set, on a
+        corpus too small for its k).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must be [B, {self.dim}], got {queries.shape}")
         k = min(k, self.num_passages)
         if len(queries) == 0 or k == 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        rows, scores, found = self._search_once(queries, k, leaves_to_search or self._leaves_to_search)
+        short = found < k
+        if self._num_leaves and short.any():
+            # The leaves these queries searched held fewer than k passages; all the leaves
+            # together hold every passage (but spill_threshold may still stop a search early).
+            rows[short], scores[short], found[short] = self._search_once(queries[short], k, self._num_leaves)
+        if np.any(found < k):
+            raise RuntimeError(f"the dense index ({self.built_type}, {self.num_passages} passages) found only "
+                               f"{found.min()} passages for a query, not k={k}: a tree index with "
+                               f"spill_threshold set searches only the leaves near a query's best one; "
+                               f"ask for fewer, or rebuild it with a larger spill_threshold")
+        return rows, scores
+
+    def _search_once(self, queries: np.ndarray, k: int,
+                     leaves_to_search: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One ScaNN call for queries [B, D] float32; -> real_neighbours() of its answer."""
         kwargs = {"final_num_neighbors": k}
-        if self.built_type.startswith("tree"):
-            kwargs["leaves_to_search"] = leaves_to_search or self._leaves_to_search
+        if self._num_leaves:
+            # ScaNN reorders only its build-time depth (reorder_neighbors) of candidates, and
+            # pads an answer beyond it with row 0 and score NaN: reorder at least k.
+            kwargs.update(leaves_to_search=leaves_to_search,
+                          pre_reorder_num_neighbors=max(k, self._reorder_depth))
         rows, scores = self._searcher.search_batched_parallel(queries, **kwargs)
-        return rows.astype(np.int64), scores.astype(np.float32)
+        return real_neighbours(rows, scores, k, self.num_passages)
 
     def save(self, directory: str | pathlib.Path) -> int:
         """Writes the searcher and its metadata; returns the bytes written."""
@@ -192,6 +218,43 @@ class DenseIndex:
         meta = json.loads(meta_file.read_text())
         searcher = scann_ops_pybind.load_searcher(str(directory))
         return cls(searcher, meta["num_passages"], meta["dim"], meta["built_type"], meta["leaves_to_search"])
+
+
+def tree_and_reorder_sizes(config: str) -> tuple[int, int]:
+    """A searcher's text config -> (leaves in its tree, 0 for brute force; the number of
+    candidates it reorders by default, 0 without reordering)."""
+    parsed = text_format.Parse(config, scann_pb2.ScannConfig())
+    leaves = parsed.partitioning.num_children if parsed.HasField("partitioning") else 0
+    depth = parsed.exact_reordering.approx_num_neighbors if parsed.HasField("exact_reordering") else 0
+    return leaves, depth
+
+
+def real_neighbours(rows: np.ndarray, scores: np.ndarray, k: int,
+                    num_passages: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ScaNN's answer (rows [B, M] int, scores [B, M] float, M >= k) -> its real neighbours, best
+    first: (rows [B, k] int64, scores [B, k] float32, found [B] int64: how many of the k are real).
+
+    ScaNN fills the places it found no passage for with row 0 and score NaN. Those, rows
+    outside [0, num_passages) and the lower-scored copy of a repeated row are dropped; a
+    query with found < k has row -1 and score -inf in its last k - found places.
+    """
+    real = np.isfinite(scores) & (rows >= 0) & (rows < num_passages)
+    by_score = np.argsort(np.where(real, -scores, np.inf), axis=1, kind="stable")
+    rows, scores, real = (np.take_along_axis(a, by_score, 1) for a in (rows, scores, real))
+    real &= ~_later_repeats(np.where(real, rows, -1 - np.arange(rows.shape[1])))
+    kept = np.argsort(~real, axis=1, kind="stable")[:, :k]
+    rows, scores, real = (np.take_along_axis(a, kept, 1) for a in (rows, scores, real))
+    return (np.where(real, rows, -1).astype(np.int64), np.where(real, scores, -np.inf).astype(np.float32),
+            real.sum(axis=1))
+
+
+def _later_repeats(keys: np.ndarray) -> np.ndarray:
+    """keys [B, M] -> [B, M] bool: True where the same key appeared earlier in the row."""
+    order = np.argsort(keys, axis=1, kind="stable")  # stable: the first of equal keys stays first
+    ordered = np.take_along_axis(keys, order, 1)
+    repeat = np.zeros(keys.shape, bool)
+    np.put_along_axis(repeat, order[:, 1:], ordered[:, 1:] == ordered[:, :-1], 1)
+    return repeat
 
 
 def _create_searcher(builder, embeddings: np.ndarray, tree_cfg: IndexConfig | None):

@@ -7,8 +7,8 @@ import urllib.error
 import urllib.request
 from typing import Sequence
 
+from searcher_jax.retrieval.hits import Hit, HitRetriever, check_k
 from searcher_jax.retrieval.passage import Passage
-from searcher_jax.retrieval.retriever import Hit, HitRetriever, check_k
 
 _LINE_ID = re.compile(r"^(\d+)\s+")
 APIS = ("r1searcher", "searchr1")
@@ -16,6 +16,14 @@ APIS = ("r1searcher", "searchr1")
 
 class RetrievalServerError(RuntimeError):
     pass
+
+
+def parse_strict_json(body: bytes) -> dict:
+    """A response body -> its JSON value. Raises ValueError on malformed JSON and on a bare
+    NaN, Infinity or -Infinity, which Python's json module would otherwise accept."""
+    def reject(constant: str):
+        raise ValueError(f"{constant} is not a JSON number")
+    return json.loads(body, parse_constant=reject)
 
 
 class HttpRetriever(HitRetriever):
@@ -34,14 +42,19 @@ class HttpRetriever(HitRetriever):
 
     def _post(self, path: str, body: dict) -> dict:
         """One request; a dropped connection, a timeout or a 5xx is retried with exponential
-        backoff (a retrieval host restarting must not end a training run), a 4xx is not."""
+        backoff (a retrieval host restarting must not end a training run), a 4xx or an answer
+        that is not strict JSON is not: RetrievalServerError."""
         data = json.dumps(body).encode("utf-8")
         for attempt in range(self.retries + 1):
             request = urllib.request.Request(self.url + path, data=data, method="POST",
                                              headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                    answer = response.read()
+                try:
+                    return parse_strict_json(answer)
+                except ValueError as e:
+                    raise RetrievalServerError(f"{self.url}{path} answered invalid JSON: {e}") from None
             except urllib.error.HTTPError as e:
                 message = e.read().decode(errors="replace")
                 error = RetrievalServerError(f"{self.url}{path} answered {e.code}: {message}")

@@ -12,11 +12,11 @@ import logging
 import pathlib
 from typing import Protocol, Sequence
 
-import numpy as np
-
 from searcher_jax.retrieval.bm25 import BM25Index
 from searcher_jax.retrieval.corpus_store import CorpusStore
 from searcher_jax.retrieval.dense_index import DenseIndex
+from searcher_jax.retrieval.hits import Hit, HitRetriever, check_k
+from searcher_jax.retrieval.http_client import HttpRetriever
 from searcher_jax.retrieval.passage import Passage
 
 BACKENDS = ("dense", "bm25", "http")
@@ -28,28 +28,6 @@ class Retriever(Protocol):
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
         ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Hit:
-    row: int  # the corpus-store row (-1 when unknown, e.g. from a remote server)
-    passage: Passage
-    score: float
-
-
-class HitRetriever:
-    """search() from search_hits(); backends implement search_hits (the server needs rows and scores)."""
-
-    def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        raise NotImplementedError
-
-    def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
-        return [[h.passage for h in hits] for hits in self.search_hits(queries, k)]
-
-
-def check_k(k: int) -> None:
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
 
 
 class DenseRetriever(HitRetriever):
@@ -131,7 +109,6 @@ def make_retriever(cfg: RetrieverConfig) -> Retriever:
 def make_backend(cfg: RetrieverConfig) -> HitRetriever:
     """The backend a config names, loaded from its index directory (or pointed at its URL)."""
     if cfg.backend == "http":
-        from searcher_jax.retrieval.http_client import HttpRetriever
         return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s, retries=cfg.retries)
     if not cfg.index_dir:
         raise ValueError(f"backend {cfg.backend!r} needs index_dir")

@@ -6,7 +6,8 @@
   GET  /health   -> {"status": "ok", "num_passages": N}
 Each answer line is "{id}\\t{passage}" as in the authors' TSV corpora (the store row stands in
 for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applies). Requests that
-arrive together are answered by one search call. Bad requests get a 4xx with a message.
+arrive together are answered by one search call. Bad requests get a 4xx with a message. No
+answer holds a bare NaN or Infinity, which strict JSON parsers reject: a non-finite score is a 500.
 """
 import dataclasses
 import json
@@ -14,7 +15,7 @@ import queue
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from searcher_jax.retrieval.retriever import Hit
+from searcher_jax.retrieval.hits import Hit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,12 @@ def _document(hit: Hit) -> dict:
     return {"id": hit.passage.id, "contents": hit.passage.contents()}
 
 
+def encode_body(payload: dict) -> bytes:
+    """payload -> a UTF-8 JSON body. Raises ValueError on a NaN or infinite float: json.dumps
+    would otherwise write a bare NaN or Infinity, which strict JSON parsers reject."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
 def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list, int, bool]:
     """-> (queries, k, return_scores), or BadRequest naming what is wrong."""
     try:
@@ -143,7 +150,10 @@ def make_handler(searcher: BatchingSearcher, limits: ServerLimits, num_passages:
             pass
 
         def _send(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            try:
+                body = encode_body(payload)
+            except ValueError as e:  # sent as is, no strict client could parse the answer
+                status, body = 500, encode_body({"error": f"retrieval returned a non-finite score ({e})"})
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))

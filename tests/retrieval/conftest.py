@@ -1,6 +1,7 @@
 """Shared, expensive set-up for the retrieval tests (built once per session)."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from searcher_jax.retrieval import corpus_formats, corpus_store, reference_eval
@@ -14,6 +15,21 @@ from searcher_jax.retrieval.retriever import BM25Retriever, DenseRetriever
 # launch/bench_retrieval.py --real_eval for the full-corpus numbers).
 DENSE_SUBSET_QUERIES = 120
 DENSE_MAX_LENGTH = 128
+
+
+def clustered_vectors(n, dim, seed, centers=200, decay=0.0):
+    """-> [n, dim] float32 unit vectors around `centers` centres (the same for every seed)."""
+    # Real embeddings are clustered; on uniform random vectors every ANN index loses recall.
+    # decay > 0: the spread falls as i^-decay along the i-th of random orthogonal directions
+    # (all-MiniLM-L6-v2's variance falls about as 1/i: decay 0.55).
+    rng, center_rng = np.random.default_rng(seed), np.random.default_rng(99)
+    rotation = np.linalg.qr(center_rng.normal(size=(dim, dim)))[0].astype(np.float32) if decay else None
+    scale = np.arange(1, dim + 1, dtype=np.float32) ** -decay
+    c = center_rng.normal(size=(centers, dim)).astype(np.float32) * scale
+    x = c[rng.integers(0, centers, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32) * scale
+    if decay:
+        x = x @ rotation
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 @dataclasses.dataclass

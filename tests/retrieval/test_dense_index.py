@@ -4,28 +4,15 @@ import pytest
 
 from searcher_jax.retrieval import corpus_store, embeddings
 from searcher_jax.retrieval.dense_index import (DenseIndex, IndexConfig, exact_search, layout_for_budget,
-                                                planned_bytes_per_passage, recall_at_k)
+                                                planned_bytes_per_passage, real_neighbours, recall_at_k)
 from searcher_jax.retrieval.encoder import EncoderSpec
 from searcher_jax.retrieval.passage import Passage
-
-
-def _clustered(n, dim, seed, centers=200, decay=0.0):
-    # Real embeddings are clustered; on uniform random vectors every ANN index loses recall.
-    # decay > 0: the spread falls as i^-decay along the i-th of random orthogonal directions
-    # (all-MiniLM-L6-v2's variance falls about as 1/i: decay 0.55).
-    rng, center_rng = np.random.default_rng(seed), np.random.default_rng(99)
-    rotation = np.linalg.qr(center_rng.normal(size=(dim, dim)))[0].astype(np.float32) if decay else None
-    scale = np.arange(1, dim + 1, dtype=np.float32) ** -decay
-    c = center_rng.normal(size=(centers, dim)).astype(np.float32) * scale
-    x = c[rng.integers(0, centers, n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32) * scale
-    if decay:
-        x = x @ rotation
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from tests.retrieval.conftest import clustered_vectors
 
 
 @pytest.fixture(scope="module")
 def clustered():
-    return _clustered(30_000, 64, 0), _clustered(300, 64, 1)
+    return clustered_vectors(30_000, 64, 0), clustered_vectors(300, 64, 1)
 
 
 def test_tree_ah_recall_against_exact(clustered, tmp_path):
@@ -73,7 +60,7 @@ def test_tree_on_a_pca_projection(tmp_path):
     # Clusters whose spectrum decays as all-MiniLM-L6-v2's does: PCA to half the dims keeps
     # most of the variance, and exact reordering on the full vectors puts the neighbours back
     # in order.
-    base, queries = _clustered(30_000, 128, 0, decay=0.55), _clustered(300, 128, 1, decay=0.55)
+    base, queries = clustered_vectors(30_000, 128, 0, decay=0.55), clustered_vectors(300, 128, 1, decay=0.55)
     cfg = IndexConfig(kind="tree_ah", pca_dims=64, reorder_dtype="int8")
     index = DenseIndex.build(base, cfg)
     assert index.built_type == "tree_pca_ah_reorder"
@@ -98,6 +85,65 @@ def test_brute_force_is_exact_below_threshold(clustered):
     assert rows.shape == (2, 5000)
     with pytest.raises(ValueError, match=r"queries must be \[B, 64\]"):
         index.search(queries[:, :10], 3)
+
+
+def _assert_real_top_k(rows, scores, k, base, queries):
+    """k distinct rows per query, best first, each scored by its exact inner product."""
+    assert rows.shape == scores.shape == (len(queries), k)
+    assert all(len(set(r)) == k for r in rows.tolist())
+    assert rows.min() >= 0 and rows.max() < len(base)
+    assert np.all(np.isfinite(scores)) and np.all(np.diff(scores, axis=1) <= 0)
+    np.testing.assert_allclose(scores, np.einsum("bd,bkd->bk", queries, base[rows]), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_tree():
+    # 75 leaves of ~40 passages, 4 searched, and ScaNN's default reordering depth of 50:
+    # k = 100 needs a deeper reordering, and for some queries more leaves.
+    base, queries = clustered_vectors(3000, 32, 0, centers=50), clustered_vectors(20, 32, 1, centers=50)
+    return base, queries, DenseIndex.build(base, IndexConfig(kind="tree_ah"))
+
+
+@pytest.mark.parametrize("k", [100, 80, 51, 10])
+def test_tree_index_returns_k_real_neighbours_past_its_reorder_depth(small_tree, k, tmp_path):
+    base, queries, index = small_tree
+    assert IndexConfig().reorder_neighbors < 100
+    rows, scores = index.search(queries, k)
+    _assert_real_top_k(rows, scores, k, base, queries)
+    assert recall_at_k(rows[:, :10], exact_search(base, queries, 10)) >= 0.95
+    index.save(tmp_path / "tree")  # the depth is read back from ScaNN's config, not our metadata
+    np.testing.assert_array_equal(DenseIndex.load(tmp_path / "tree").search(queries, k)[0], rows)
+
+
+@pytest.mark.parametrize("kind, n", [("tree_ah", 200), ("brute_force", 30)])
+def test_k_above_the_corpus_size_returns_every_passage_once(kind, n):
+    base, queries = clustered_vectors(n, 32, 0, centers=5), clustered_vectors(4, 32, 1, centers=5)
+    index = DenseIndex.build(base, IndexConfig(kind=kind))
+    assert index.built_type.startswith(kind.split("_")[0])
+    rows, scores = index.search(queries, 500)
+    _assert_real_top_k(rows, scores, n, base, queries)
+    np.testing.assert_array_equal(np.sort(rows, axis=1), np.broadcast_to(np.arange(n), rows.shape))
+
+
+def test_a_spilling_tree_refuses_a_k_its_nearby_leaves_cannot_fill(small_tree):
+    # Additive spilling stops at the leaves near a query's best one however many may be
+    # searched; here they hold 30 to 120 passages, so k = 100 cannot be served.
+    base, queries, _ = small_tree
+    index = DenseIndex.build(base, IndexConfig(kind="tree_ah", spill_threshold=0.001,
+                                               leaves_to_search_fraction=0.2))
+    _assert_real_top_k(*index.search(queries, 10), 10, base, queries)
+    with pytest.raises(RuntimeError, match=r"found only \d+ passages for a query, not k=100.*spill_threshold"):
+        index.search(queries, 100)
+
+
+def test_real_neighbours_drops_padding_repeats_and_out_of_range_rows():
+    rows = np.array([[3, 1, 3, 0, 0, 9], [2, 0, 1, 4, 3, 0]])
+    scores = np.array([[0.5, 0.9, 0.7, np.nan, np.nan, 1.0], [0.9, 0.8, 0.7, 0.6, 0.5, np.inf]])
+    kept, kept_scores, found = real_neighbours(rows, scores, 4, num_passages=5)
+    np.testing.assert_array_equal(kept, [[1, 3, -1, -1], [2, 0, 1, 4]])
+    np.testing.assert_array_equal(kept_scores, np.array([[0.9, 0.7, -np.inf, -np.inf], [0.9, 0.8, 0.7, 0.6]],
+                                                        np.float32))
+    np.testing.assert_array_equal(found, [2, 4])
 
 
 def test_exact_search_streams_in_chunks(clustered):

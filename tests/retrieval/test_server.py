@@ -1,6 +1,7 @@
 """The HTTP server: both clients' request formats, 4xx answers, batching, and the client backend."""
 import http.client
 import json
+import math
 import os
 import pathlib
 import re
@@ -11,23 +12,31 @@ import time
 
 import pytest
 
+from searcher_jax.retrieval import corpus_store
+from searcher_jax.retrieval.dense_index import DenseIndex, IndexConfig
+from searcher_jax.retrieval.hits import Hit
 from searcher_jax.retrieval.http_client import HttpRetriever, RetrievalServerError
 from searcher_jax.retrieval.passage import Passage, strip_corpus_id
-from searcher_jax.retrieval.retriever import Hit, RetrieverConfig, make_retriever
+from searcher_jax.retrieval.retriever import DenseRetriever, RetrieverConfig, make_retriever
 from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
+from tests.retrieval.conftest import clustered_vectors
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 QUERIES = ["Irish Home Rule movement party campaigned", "Mad City 1997 film director", "zzzz qqqq"]
 
 
+def _reject_constant(name):
+    raise ValueError(f"the body holds a bare {name}, which strict JSON parsers reject")
+
+
 def _post(url, path, payload, raw=None):
-    """A plain HTTP client: (status, decoded JSON body)."""
+    """A plain HTTP client: (status, JSON body decoded as strictly as JSON.parse would)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     body = raw if raw is not None else json.dumps(payload).encode()
     conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
-    status, data = response.status, json.loads(response.read())
+    status, data = response.status, json.loads(response.read(), parse_constant=_reject_constant)
     conn.close()
     return status, data
 
@@ -83,6 +92,7 @@ def test_searchr1_retrieve_format(dense_server, hotpot_subset_dense):
     ("/queries", {"queries": ["a"], "k": "3"}, None, 400, "'k' must be a positive integer"),
     ("/queries", {"queries": ["a"], "k": 11}, None, 413, "k=11 exceeds the limit of 10"),
     ("/retrieve", {"queries": ["a"], "topk": True}, None, 400, "'topk' must be a positive integer"),
+    ("/retrieve", {"queries": ["a"], "topk": 80}, None, 413, "topk=80 exceeds the limit of 10"),
     ("/retrieve", {"queries": ["a"], "return_scores": "yes"}, None, 400, "return_scores"),
     ("/queries", {"queries": ["a"] * 17}, None, 413, "17 queries exceed the limit of 16"),
     ("/queries", {"queries": ["a" * 5000]}, None, 413, "5000 characters"),
@@ -113,6 +123,89 @@ def test_client_backend_matches_in_process(dense_server, hotpot_subset_dense):
     assert [[(p.id, p.text) for p in ps] for ps in s1] == [[(p.id, p.contents()) for p in ps] for ps in in_process]
     with pytest.raises(RetrievalServerError, match="413"):
         HttpRetriever(dense_server.url).search(QUERIES, 50)
+
+
+class _RowEncoder:
+    """Stands in for TextEncoder: the query "i" is the i-th of fixed query vectors."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def encode_queries(self, texts):
+        return self.vectors[[int(t) for t in texts]]
+
+
+@pytest.fixture(scope="module")
+def tree_server(tmp_path_factory):
+    """The default limits (k up to 100) over a 3,000-passage tree index that reorders 50."""
+    vectors = clustered_vectors(3000, 32, 0, centers=50)
+    directory = tmp_path_factory.mktemp("tree_corpus")
+    corpus_store.write_store((Passage(str(i), f"T{i}", f" text {i}", "hotpot_abstract") for i in range(3000)),
+                             directory, progress=False)
+    index = DenseIndex.build(vectors, IndexConfig(kind="tree_ah"))
+    assert index.built_type == "tree_ah_reorder"
+    retriever = DenseRetriever(corpus_store.CorpusStore(directory),
+                               _RowEncoder(clustered_vectors(8, 32, 1, centers=50)), index)
+    with RetrievalServer(retriever, port=0, num_passages=3000) as server:
+        yield server
+
+
+@pytest.mark.parametrize("k", [80, ServerLimits().max_k])
+def test_a_tree_index_serves_every_k_the_server_accepts(tree_server, k):
+    queries = [str(i) for i in range(8)]
+    status, data = _post(tree_server.url, "/retrieve", {"queries": queries, "topk": k, "return_scores": True})
+    assert status == 200
+    for items in data["result"]:
+        assert len({i["document"]["id"] for i in items}) == len(items) == k
+        scores = [i["score"] for i in items]
+        assert all(math.isfinite(x) for x in scores) and scores == sorted(scores, reverse=True)
+    status, data = _post(tree_server.url, "/queries", {"queries": queries, "k": k})
+    assert status == 200 and all(len(set(lines)) == k for lines in data["answers"])
+    for hits in HttpRetriever(tree_server.url, api="searchr1").search_hits(queries, k):
+        assert len({h.passage.id for h in hits}) == k and all(math.isfinite(h.score) for h in hits)
+
+
+class _ScoreRetriever:
+    """One hit per query, scored `score`."""
+
+    def __init__(self, score):
+        self.score = score
+
+    def search_hits(self, queries, k):
+        return [[Hit(0, Passage("0", "T", " t", "hotpot_abstract"), self.score)] for _ in queries]
+
+
+@pytest.mark.parametrize("score", [math.nan, math.inf, -math.inf])
+def test_server_never_writes_a_non_finite_number(score):
+    with RetrievalServer(_ScoreRetriever(score), port=0) as server:
+        status, data = _post(server.url, "/retrieve", {"queries": ["q"], "topk": 1, "return_scores": True})
+        assert status == 500 and "non-finite score" in data["error"]
+        assert _post(server.url, "/queries", {"queries": ["q"], "k": 1})[0] == 200  # scores not sent
+
+
+def test_client_rejects_an_answer_with_a_bare_nan():
+    import http.server
+
+    class NanServer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"result": [[{"document": {"id": "0", "contents": "T"}, "score": NaN}]]}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NanServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HttpRetriever(f"http://127.0.0.1:{server.server_port}", api="searchr1", retries=0)
+        with pytest.raises(RetrievalServerError, match="invalid JSON: NaN is not a JSON number"):
+            client.search(["q"], 1)
+    finally:
+        server.shutdown()
 
 
 class _GatedRetriever:
