@@ -9,8 +9,10 @@ parsed and checked by `read_questions` when the dataset is built, so a malformed
 the build with its file and line instead of a run hours later. A run names a split with
 `DIR:SPLIT` wherever it takes a question file (data/questions.py parses it):
 `--config.data.train_file=gs://bucket/questions/question_records/1.0.0:train`.
-Records are read with random access (tfds.data_source), never all decoded up front by TFDS;
-TFDS stores them in an order of its own (a hash of each question's position in its file).
+read_questions reads a split back, in data/questions.py: this module imports the reader to
+build a dataset, so the reader does not import this module. It reads with random access
+(tfds.data_source), never all decoded up front by TFDS; TFDS stores records in an order of its
+own (a hash of each question's position in its file).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from collections.abc import Mapping
 import tensorflow_datasets as tfds
 from etils import epath
 
-from searcher_jax.data.questions import Question, read_questions
+from searcher_jax.data.questions import read_questions
 
 
 class QuestionRecords(tfds.core.GeneratorBasedBuilder):
@@ -63,17 +65,3 @@ def write_records(split_files: Mapping[str, str], data_dir) -> epath.Path:
 
 def split_sizes(directory) -> dict[str, int]:
     return {name: split.num_examples for name, split in tfds.builder_from_directory(str(directory)).info.splits.items()}
-
-
-def read_records(directory, split: str) -> list[Question]:
-    """A split's questions, in the dataset's stored order."""
-    builder = tfds.builder_from_directory(str(directory))
-    if split not in builder.info.splits:
-        raise ValueError(f"{directory}: no split {split!r} (has {sorted(builder.info.splits)})")
-    source = builder.as_data_source(split=split)
-    return [Question(id=_text(r["id"]), question=_text(r["question"]),
-                     answers=tuple(_text(a) for a in r["answers"])) for r in source]
-
-
-def _text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -19,6 +19,8 @@ import grain
 import numpy as np
 from etils import epath
 
+from searcher_jax.rl import metrics
+
 
 @dataclasses.dataclass(frozen=True)
 class Question:
@@ -28,12 +30,14 @@ class Question:
 
 
 def read_questions(path) -> list[Question]:
-    """Reads a question file (local or gs://), or `DIR:SPLIT` of a question_records dataset;
-    raises ValueError naming file and line."""
+    """Reads a question file (local or gs://), or `DIR:SPLIT` of a question_records dataset.
+
+    Raises ValueError naming file and line (1-based; the item number in a .json list) for a
+    malformed row, including a gold answer that normalises to nothing (SPEC section 3).
+    """
     spec = split_spec(path)
     if spec is not None:
-        from searcher_jax.data import question_records  # imports TFDS: only for DIR:SPLIT
-        return question_records.read_records(*spec)
+        return _read_split(*spec)
     path = epath.Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
@@ -72,6 +76,32 @@ def split_spec(path) -> tuple[str, str] | None:
     return (str(directory), split) if (directory / "dataset_info.json").exists() else None
 
 
+def _read_split(directory: str, split: str) -> list[Question]:
+    """A question_records split's questions, in the dataset's stored order.
+
+    Raises ValueError for an unknown split, or for a gold that normalises to nothing (a dataset
+    built before read_questions refused them), naming the dataset, split and question id.
+    """
+    import tensorflow_datasets as tfds  # slow to import: only for DIR:SPLIT
+
+    builder = tfds.builder_from_directory(directory)
+    if split not in builder.info.splits:
+        raise ValueError(f"{directory}: no split {split!r} (has {sorted(builder.info.splits)})")
+    return [_record_question(record, f"{directory}:{split}")
+            for record in builder.as_data_source(split=split)]
+
+
+def _record_question(record, where: str) -> Question:
+    id_ = _text(record["id"])
+    answers = _checked_golds([_text(a) for a in record["answers"]], f"{where}, question id {id_}",
+                             key="answers")
+    return Question(id=id_, question=_text(record["question"]), answers=answers)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def _parse_row(row, where: str, default_id: str) -> Question:
     if not isinstance(row, dict):
         message = f"{where}: expected a JSON object, got {type(row).__name__}"
@@ -86,14 +116,25 @@ def _parse_row(row, where: str, default_id: str) -> Question:
     if not isinstance(answers, list) or not answers:
         raise ValueError(f"{where}: {key!r} must be a string or a non-empty list of strings "
                          f"(got {answer!r})")
-    for gold in answers:
-        # An empty gold would award exact-match credit to an empty prediction.
-        if not isinstance(gold, str) or not gold.strip():
-            raise ValueError(f"{where}: {key!r} has an empty or non-string answer {gold!r}")
     # `is not None`, not truthiness: the corpus files number their questions from qidx 0.
     ids = [row[k] for k in ("idx", "qidx", "id") if row.get(k) is not None]
     return Question(id=str(ids[0]) if ids else default_id, question=question,
-                    answers=tuple(answers))
+                    answers=_checked_golds(answers, where, key=key))
+
+
+def _checked_golds(golds: Sequence, where: str, key: str) -> tuple[str, ...]:
+    """The golds as a tuple, each a string that normalises (SPEC section 3) to some text.
+
+    Raises ValueError naming `where`, `key` and the gold otherwise: a gold such as "The", "A" or
+    "" normalises to nothing, and would match every prediction under cover EM.
+    """
+    for gold in golds:
+        if not isinstance(gold, str):
+            raise ValueError(f"{where}: {key!r} has a non-string answer {gold!r}")
+        if not metrics.normalize_answer(gold):
+            raise ValueError(f"{where}: {key!r} has an answer that normalises to nothing "
+                             f"(articles, punctuation or spaces only): {gold!r}")
+    return tuple(golds)
 
 
 def _grain_seed(seed: int) -> int:

@@ -1,7 +1,8 @@
 """QA metrics of the paper: answer extraction, normalisation, EM, cover EM and F1.
 
 Every metric takes one prediction and a list of gold answers and keeps the best
-match, as the released evaluation does.
+match, as the released evaluation does (SPEC section 3). A gold that normalises to
+the empty string is never matched: it would credit every prediction under CEM.
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ _YES_NO = ("yes", "no", "noanswer")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD-style normalisation with the released code's extras, in its order."""
+    """SQuAD-style normalisation with the released code's extras, in its order (SPEC section 3).
+
+    Returns "" for text made only of articles, punctuation and spaces ("The", "A.", "").
+    """
     if text == "True":
         text = "yes"
     elif text == "False":
@@ -46,24 +50,44 @@ def extract_answer(response: str) -> str | None:
     return None if span is None else span.strip()
 
 
-def _golds(golds: str | Sequence[str]) -> list[str]:
-    return [golds] if isinstance(golds, str) else list(golds)
+def _scorable_golds(golds: str | Sequence[str]) -> list[str]:
+    """The normalised golds (a str is one gold), less those that normalise to "" ("The", "A.").
+
+    An empty gold has no tokens, so CEM's "every gold token is in the prediction" holds for any
+    prediction and EM would credit an empty one; such a gold says nothing about correctness and
+    is skipped. Question files refuse them (data/questions.py); this also guards direct callers.
+    """
+    return [gold for gold in map(normalize_answer, [golds] if isinstance(golds, str) else golds)
+            if gold]
 
 
 def exact_match(prediction: str, golds: str | Sequence[str]) -> float:
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in _golds(golds)))
+    """EM (SPEC section 3): 1.0 if the normalised prediction equals some normalised gold, else 0.0.
+
+    Golds that normalise to "" are skipped, so an empty prediction, or no gold left, scores 0.0.
+    """
+    return float(normalize_answer(prediction) in _scorable_golds(golds))
 
 
 def cover_exact_match(prediction: str, golds: str | Sequence[str]) -> float:
-    """ACC_R: every token of some gold answer occurs among the prediction's tokens."""
+    """CEM, the paper's ACC_R (SPEC section 3): 1.0 if every token of some normalised gold occurs
+    among the prediction's tokens, else 0.0.
+
+    Golds that normalise to "" are skipped (they would cover any prediction), so an empty
+    prediction, or no gold left, scores 0.0.
+    """
     pred_tokens = set(normalize_answer(prediction).split())
-    return float(any(all(t in pred_tokens for t in normalize_answer(g).split())
-                     for g in _golds(golds)))
+    return float(any(pred_tokens.issuperset(gold.split()) for gold in _scorable_golds(golds)))
 
 
 def f1_score(prediction: str, golds: str | Sequence[str]) -> float:
-    return max(_f1(normalize_answer(prediction), normalize_answer(g)) for g in _golds(golds))
+    """Token F1 (SPEC section 3), the max over the golds, in [0.0, 1.0].
+
+    Golds that normalise to "" are skipped; with none left (an empty list too) the score is 0.0,
+    as for EM and CEM, rather than max()'s error on an empty sequence.
+    """
+    pred = normalize_answer(prediction)
+    return max((_f1(pred, gold) for gold in _scorable_golds(golds)), default=0.0)
 
 
 def _f1(pred: str, gold: str) -> float:

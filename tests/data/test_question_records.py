@@ -1,11 +1,13 @@
 """Question files as array_record splits (TFDS, no TensorFlow), read back where a file is read."""
+import ast
+import inspect
 import json
 import sys
 
 import pytest
 
-from searcher_jax.data import question_records
-from searcher_jax.data.questions import read_questions, split_spec
+from searcher_jax.data import question_records, questions
+from searcher_jax.data.questions import Question, read_questions, split_spec
 from tests.conftest import REPO_ROOT
 
 
@@ -35,17 +37,43 @@ def test_unknown_split_and_existing_dataset_are_errors(records):
 
 def test_a_malformed_row_stops_the_build_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q?", "answer": "a"}\n{"question": "", "answer": "a"}\n')
+    bad.write_text('{"question": "q?", "answer": "x"}\n{"question": "", "answer": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: missing or non-string 'question'"):
         question_records.write_records({"train": bad}, tmp_path / "out")
     with pytest.raises(ValueError, match="split name"):
         question_records.write_records({"train/x": bad}, tmp_path / "out")
 
 
+def test_a_gold_that_normalises_to_nothing_stops_the_build(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?", "answer": "a b"}\n{"question": "q?", "answer": ["x", "The"]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: .*normalises to nothing.*'The'"):
+        question_records.write_records({"train": bad}, tmp_path / "out")
+
+
+def test_a_dataset_built_with_an_empty_gold_is_refused_when_read(tmp_path, monkeypatch):
+    """A dataset built before the reader refused such golds: reading it names split, id, gold."""
+    monkeypatch.setattr(question_records, "read_questions",
+                        lambda path: [Question("7", "q?", ("Paris", "A"))])
+    directory = question_records.write_records({"train": "unused"}, tmp_path)
+    with pytest.raises(ValueError, match=r":train, question id 7: .*normalises to nothing.*'A'"):
+        read_questions(f"{directory}:train")
+
+
+def test_the_reader_does_not_import_the_records_module():
+    """question_records imports the reader to build a dataset; the reverse would be a cycle."""
+    tree = ast.parse(inspect.getsource(questions))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+        for alias in node.names}
+    assert not any("question_records" in name for name in imported)
+
+
 def test_paths_without_a_split_are_files(tmp_path):
     assert split_spec("gs://bucket/stage_2.jsonl") is None
     odd = tmp_path / "a:b.jsonl"  # a colon in a file name, not a dataset
-    odd.write_text('{"question": "q?", "answer": "a"}\n')
+    odd.write_text('{"question": "q?", "answer": "x"}\n')
     assert split_spec(str(odd)) is None
     assert read_questions(odd)[0].question == "q?"
 

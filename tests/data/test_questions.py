@@ -61,9 +61,9 @@ def test_flashrag_rows_with_a_list_of_golds(tmp_path):
 
 def test_json_list_file_answer_lists_and_line_number_ids(tmp_path):
     path = tmp_path / "questions.json"
-    path.write_text(json.dumps([{"question": "q1?", "answer": ["a", "b"]},
+    path.write_text(json.dumps([{"question": "q1?", "answer": ["x", "b"]},
                                 {"idx": 7, "question": "q2?", "answer": "c"}]))
-    assert read_questions(path) == [Question("1", "q1?", ("a", "b")), Question("7", "q2?", ("c",))]
+    assert read_questions(path) == [Question("1", "q1?", ("x", "b")), Question("7", "q2?", ("c",))]
 
 
 def test_blank_lines_skipped_and_ids_fall_back_to_line_numbers(tmp_path):
@@ -73,19 +73,20 @@ def test_blank_lines_skipped_and_ids_fall_back_to_line_numbers(tmp_path):
     assert read_questions(path) == [Question("2", "a\u2028b?", ("x",))]
 
 
-GOOD = '{"idx": 1, "question": "q?", "answer": "a"}'
+GOOD = '{"idx": 1, "question": "q?", "answer": "x"}'
 
 
 @pytest.mark.parametrize("bad_line, message", [
-    ('{"idx": 2, "question": "q?", "answer": "a"', "invalid JSON"),
-    ('{"idx": 2, "answer": "a"}', "'question'"),
+    ('{"idx": 2, "question": "q?", "answer": "x"', "invalid JSON"),
+    ('{"idx": 2, "answer": "x"}', "'question'"),
     ('{"idx": 2, "question": "q?"}', "'answer'"),
     ('{"idx": 2, "question": "q?", "answer": ""}', "'answer'"),
+    ('{"idx": 2, "question": "q?", "answer": "The"}', "normalises to nothing"),
     ('{"idx": 2, "question": "q?", "answer": []}', "'answer'"),
     ('{"idx": 2, "question": "q?", "answer": 42}', "'answer'"),
-    ('{"idx": 2, "question": "q?", "answer": ["a", 3]}', "'answer'"),
+    ('{"idx": 2, "question": "q?", "answer": ["x", 3]}', "'answer'"),
     ('{"id": 2, "question": "q?", "golden_answers": []}', "'golden_answers'"),
-    ('{"idx": 2, "question": ["q?"], "answer": "a"}', "'question'"),
+    ('{"idx": 2, "question": ["q?"], "answer": "x"}', "'question'"),
     ('["q?", "a"]', "JSON object"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, message):
@@ -94,6 +95,39 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line, message):
     with pytest.raises(ValueError, match=r"bad\.jsonl, line 3: ") as info:
         read_questions(path)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("row", [
+    {"idx": 2, "question": "q?", "answer": "The"},
+    {"idx": 2, "question": "q?", "answer": ["Paris", "The"]},  # one bad gold spoils the row
+    {"id": "t2", "question": "q?", "golden_answers": ["Paris", "The"]},
+])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_gold_that_normalises_to_nothing_is_refused_with_file_line_and_gold(
+        tmp_path, row, suffix):
+    path = tmp_path / f"bad{suffix}"
+    rows = [json.loads(GOOD), row]
+    path.write_text(json.dumps(rows) if suffix == ".json" else
+                    "\n".join(json.dumps(r) for r in rows) + "\n")
+    where = "item 2" if suffix == ".json" else "line 2"
+    with pytest.raises(ValueError, match=rf"bad\{suffix}, {where}: .*normalises to nothing.*'The'"):
+        read_questions(path)
+
+
+@pytest.mark.parametrize("gold", ["A", "an.", " the ", "‘The’", "_", "?!"])
+def test_every_gold_that_normalises_to_nothing_is_refused(tmp_path, gold):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q?", "answer": gold}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl, line 1: .*normalises to nothing") as info:
+        read_questions(path)
+    assert repr(gold) in str(info.value)
+
+
+def test_short_golds_that_keep_a_word_are_read(tmp_path):
+    path = tmp_path / "q.jsonl"
+    golds = ["True", "No", "The Who", "A-ha", "1", "I"]
+    path.write_text("\n".join(json.dumps({"question": "q?", "answer": g}) for g in golds))
+    assert [q.answers for q in read_questions(path)] == [(g,) for g in golds]
 
 
 @pytest.mark.parametrize("name, text", [("empty.jsonl", ""), ("blank.jsonl", "\n \n"),
@@ -106,7 +140,7 @@ def test_empty_file_raises(tmp_path, name, text):
 
 def test_json_file_errors_name_the_item(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"question": "q?", "answer": "a"}, {"question": "q?"}]))
+    path.write_text(json.dumps([{"question": "q?", "answer": "x"}, {"question": "q?"}]))
     with pytest.raises(ValueError, match=r"bad\.json, item 2: .*'answer'"):
         read_questions(path)
 

@@ -43,3 +43,41 @@ def test_normalisation_rules():
     assert metrics.cover_exact_match("Paris, France", ["paris"]) == 1.0
     assert metrics.exact_match("an apple", ["Apple"]) == 1.0
     assert metrics.extract_answer("<answer> x </answer> <answer>y") is None
+
+
+METRICS = (metrics.exact_match, metrics.cover_exact_match, metrics.f1_score)
+# Golds that normalise to "": articles, punctuation, quote marks, underscores, spaces.
+EMPTY_GOLDS = ["", " ", "The", "A", "an", "A.", "the_", "‘The’", "`a`!"]
+
+
+@pytest.mark.parametrize("gold", EMPTY_GOLDS)
+@pytest.mark.parametrize("prediction", ["Paris", "", "The", "a Paris"])
+@pytest.mark.parametrize("metric", METRICS, ids=lambda m: m.__name__)
+def test_a_gold_that_normalises_to_nothing_matches_nothing(metric, prediction, gold):
+    assert metrics.normalize_answer(gold) == ""
+    assert metric(prediction, [gold]) == 0.0
+    assert metric(prediction, gold) == 0.0
+
+
+def test_the_reported_empty_gold_cases():
+    assert metrics.cover_exact_match("Paris", ["A"]) == 0.0
+    assert metrics.exact_match("", ["The"]) == 0.0
+
+
+def test_empty_golds_are_skipped_and_the_rest_scored():
+    assert metrics.exact_match("Paris", ["The", "paris"]) == 1.0
+    assert metrics.cover_exact_match("Paris, France", ["A", "paris"]) == 1.0
+    assert metrics.cover_exact_match("Rome", ["A", "Paris"]) == 0.0
+    assert metrics.f1_score("Paris France", ["the", "Paris"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("metric", METRICS, ids=lambda m: m.__name__)
+def test_no_gold_left_scores_zero(metric):
+    assert metric("Paris", []) == 0.0
+    assert metric("Paris", ["The", "a"]) == 0.0
+
+
+@pytest.mark.parametrize("prediction", ["", "  ", "The", "an."])
+@pytest.mark.parametrize("metric", METRICS, ids=lambda m: m.__name__)
+def test_an_empty_prediction_matches_nothing(metric, prediction):
+    assert metric(prediction, ["Paris", "yes", "noanswer"]) == 0.0

@@ -56,6 +56,23 @@ def test_stage1_recipes():
     assert rewards.score(no_search, ["Rome"], llama).reward == -0.5
 
 
+@pytest.mark.parametrize("metric", ["f1", "em", "cem"])
+def test_a_gold_that_normalises_to_nothing_pays_nothing(metric):
+    config = rewards.RewardConfig(answer_metric=metric)
+    empty_answer = GOOD.replace("<answer> Paris </answer>", "<answer> </answer>")
+    for response in (GOOD, empty_answer):
+        result = rewards.score(response, ["A"], config)
+        assert result.format_ok and result.reward == 0.0
+        assert (result.em, result.cem, result.f1) == (0.0, 0.0, 0.0)
+    assert rewards.score(GOOD, ["The", "Paris"], config).reward == 1.0  # the other gold counts
+
+
+def test_cem_recipe_does_not_pay_for_an_empty_gold():
+    llama = rewards.RewardConfig(recipe="cem_retrieval_format", strict_format=False)
+    assert rewards.score(GOOD, ["A"], llama).reward == 0.0  # -1 + 0.5 retrieval + 0.5 format
+    assert rewards.score(GOOD, ["A", "Paris"], llama).reward == 2.0
+
+
 def test_bad_config_names_the_choices():
     with pytest.raises(ValueError, match="unknown reward recipe 'f2'"):
         rewards.RewardConfig(recipe="f2")
