@@ -32,7 +32,8 @@ def main(argv):
         [Question(id=str(i), question=q, answers=("",)) for i, q in enumerate(questions)],
         trainer.encode_prompt_fn(parts.tokenizer, run_config.data_config(config).prompt_style),
         batch_size=len(questions), config=run_config.eval_rollout_config(config),
-        key=jax.random.key(0), reward_config=run_config.reward_config(config))
+        key=jax.random.key(0), reward_config=run_config.reward_config(config),
+        eos_ids=parts.eos_ids)
     for record in records:
         print(f"Q: {record.question}\n{record.gen_text_store}\n"
               f"=> {record.pred_ans.strip()}  ({len(record.queries)} searches, "

@@ -42,7 +42,8 @@ def main(argv):
     records = evaluation.evaluate(
         parts.eval_sampler, parts.tokenizer, parts.retriever, questions,
         trainer.encode_prompt_fn(parts.tokenizer, data.prompt_style), batch_size,
-        run_config.eval_rollout_config(config), reward_config=run_config.reward_config(config))
+        run_config.eval_rollout_config(config), reward_config=run_config.reward_config(config),
+        eos_ids=parts.eos_ids)
     summary = evaluation.summarize(records)
     if jax.process_index() == 0:
         out = epath.Path(flags.FLAGS.out)

@@ -56,7 +56,8 @@ def main() -> None:
         questions = world_files.read_jsonl(paths.eval_questions)[:args.probe]
         prompt_texts = [prompts.base_prompt(row["question"]) for row in questions]
         start = time.time()
-        rate, texts = probe.query_rate(model, tokenizer, prompt_texts, max_new_tokens=96, seed=0)
+        rate, texts = probe.query_rate(model, tokenizer, prompt_texts, max_new_tokens=96, seed=0,
+                                       eos_ids=hf_io.eos_token_ids(paths.model_dir, tokenizer))
         print(f"probe: {rate:.0%} of {len(prompt_texts)} samples write a well-formed query "
               f"({time.time() - start:.1f}s); first sample:\n{texts[0]}")
 

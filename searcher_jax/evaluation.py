@@ -68,8 +68,12 @@ def summarize(records: Sequence[Record]) -> dict[str, float]:
 def evaluate(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
              questions: Sequence[Question], encode_prompt: Callable[[str], list[int]],
              batch_size: int, config: RolloutConfig, key=None,
-             reward_config: rewards.RewardConfig | None = None) -> list[Record]:
-    """Records for every question (greedy when the sampler's SelectConfig is greedy)."""
+             reward_config: rewards.RewardConfig | None = None, *,
+             eos_ids: Sequence[int]) -> list[Record]:
+    """Records for every question (greedy when the sampler's SelectConfig is greedy).
+
+    eos_ids: every id that ends a row (`hf_io.eos_token_ids`), as in training.
+    """
     key = jax.random.key(0) if key is None else key
     reward_config = reward_config or rewards.RewardConfig()
     records = []
@@ -78,7 +82,7 @@ def evaluate(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         trajectories = rollout(sampler, tokenizer, retriever,
                                [encode_prompt(q.question) for q in padded], config,
-                               jax.random.fold_in(key, start))
+                               jax.random.fold_in(key, start), eos_ids=eos_ids)
         for b, question in enumerate(chunk):
             records.append(score_record(question, trajectories.responses[b],
                                         trajectories.queries[b], trajectories.end_reasons[b],

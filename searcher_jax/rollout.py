@@ -5,10 +5,16 @@
 Every round decodes one segment for the live rows; a row that paused at
 `<|end_of_query|>` gets its query searched (one batch per round) and the
 document block appended with `Sampler.extend`, which writes at the row's
-cursor, so no prefix is ever re-encoded. Rows end at `</answer>`, an
-end-of-sequence id, the segment limit, a missing or empty query, the
-retrieval limit (the segment after the last retrieval is final) or a full
-buffer.
+cursor, so no prefix is ever re-encoded. Rows end at `</answer>`, any of the
+model's end-of-sequence ids (`hf_io.eos_token_ids`: an instruct model has
+several), the segment limit, a missing or empty query, the retrieval limit
+(the segment after the last retrieval is final) or a full buffer.
+
+A row whose document block would not fit whole in the buffer ends there,
+truncated, with nothing inserted (SPEC section 2: log rows that hit the
+buffer): a block cut inside a passage is text the environment never writes,
+and the policy would be scored on a response that reads as if it had
+stopped the documents itself. Its query is not counted as a search.
 
 The loss mask is built as tokens are appended (1 for a segment the policy
 sampled, 0 for the prompt and every inserted block), never by searching
@@ -48,7 +54,6 @@ END_REASONS = ("answer", "eos", "segment_limit", "no_query", "empty_query", "ret
 
 class Tokenizer(Protocol):
     """What the rollout needs of a HF tokenizer."""
-    eos_token_id: int | None
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
@@ -79,7 +84,7 @@ class Trajectories:
     prompt_lengths: np.ndarray  # [B] int32
     lengths: np.ndarray  # [B] int32: tokens held (prompt + response)
     responses: list[str]  # the decoded response of each row (everything after the prompt)
-    queries: list[list[str]]  # the queries each row searched, in order
+    queries: list[list[str]]  # the queries each row searched (documents inserted), in order
     end_reasons: list[str]  # one of END_REASONS per row
     overshoot_mismatches: np.ndarray  # [B] int32: inserts whose overshoot did not fit the block
 
@@ -131,15 +136,24 @@ class _Row:
 
 
 def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
-            prompt_ids: Sequence[Sequence[int]], config: RolloutConfig, key) -> Trajectories:
-    """Samples one trajectory per prompt, searching whenever a row writes a query."""
+            prompt_ids: Sequence[Sequence[int]], config: RolloutConfig, key, *,
+            eos_ids: Sequence[int]) -> Trajectories:
+    """Samples one trajectory per prompt, searching whenever a row writes a query.
+
+    Args:
+      prompt_ids: B prompts of token ids (none empty).
+      key: the PRNG key of the whole batch.
+      eos_ids: every id that ends a row (`hf_io.eos_token_ids(model_dir, tokenizer)`).
+    Raises:
+      ValueError: a sampler without the rollout's stop strings, no eos id, an empty prompt.
+    """
     if list(sampler.stop_strings) != list(STOP_STRINGS):
         raise ValueError(f"the rollout's sampler must stop at {STOP_STRINGS} (in that order), "
                          f"it stops at {tuple(sampler.stop_strings)}")
     batch = len(prompt_ids)
-    eos_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos_ids = [int(i) for i in eos_ids]
     if not eos_ids:
-        raise ValueError("the tokenizer has no eos_token_id; the rollout needs one to end rows")
+        raise ValueError("rollout: eos_ids is empty; a rollout needs an id that ends rows")
     rows = [_Row(prompt_len=len(p)) for p in prompt_ids]
     empty = [b for b, row in enumerate(rows) if row.prompt_len == 0]
     if empty:
@@ -186,18 +200,26 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
             break
 
         found = retriever.search([query for _, query, _ in searches], config.top_k)
-        inserts = [[] for _ in range(batch)]
+        room = sampler.config.max_len - _fetch(state.cursor)
+        inserts, overflowing = [[] for _ in range(batch)], []
         for (b, query, overshoot), passages in zip(searches, found):
             text, fitted = insert_text(documents_block(passages), overshoot)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) > room[b]:
+                rows[b].end_reason = "truncated"
+                overflowing.append(b)
+                continue
             rows[b].mismatches += not fitted
             rows[b].queries.append(query)
-            inserts[b] = tokenizer.encode(text, add_special_tokens=False)
-            rows[b].pieces.append(np.asarray(inserts[b], np.int32))
+            inserts[b] = ids
+            rows[b].pieces.append(np.asarray(ids, np.int32))
+        if overflowing:
+            state = sampler.finish(state, overflowing)
         state = sampler.extend(state, inserts)
         live = _fetch(state.status) == RUNNING
         for b, _, _ in searches:
             if not live[b]:
-                rows[b].end_reason = "truncated"  # the documents did not fit
+                rows[b].end_reason = "truncated"  # the block filled the buffer exactly
     for row in rows:
         if row.end_reason is None:
             raise RuntimeError("rollout: a row neither ended nor kept running")  # a bug, not input
@@ -217,8 +239,8 @@ def _assemble(state, rows: list[_Row], tokenizer: Tokenizer) -> Trajectories:
             loss_mask[b, start:end] = True
         response = (np.concatenate(row.pieces) if row.pieces else np.zeros(0, np.int32))
         held = tokens[b, row.prompt_len:lengths[b]]
-        # The host's pieces and the device buffer must agree (inserts may be cut at the end).
-        if not np.array_equal(held, response[:len(held)]):
+        # The host's pieces and the device buffer must agree, token for token.
+        if not np.array_equal(held, response):
             raise RuntimeError(f"rollout row {b}: host pieces differ from the sampler's buffer")
         tokens[b, lengths[b]:] = 0
         ids = held.tolist()

@@ -1,5 +1,7 @@
 """The search-augmented rollout on the world's tiny model: masks built at append time,
 tokens equal to the sampler's, one search batch per round, overshoot and limits."""
+import collections
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ from searcher_jax import rollout as rollout_lib
 from searcher_jax.data import prompts
 from searcher_jax.model import hf_io
 from searcher_jax.retrieval import retriever as retriever_lib
+from searcher_jax.retrieval.passage import Passage
 from searcher_jax.sampling import sampler as sampling
 from searcher_jax.sampling import stop_strings
 from searcher_jax.synthetic import world_files
@@ -42,41 +45,56 @@ def world(world_paths):
         return sampling.Sampler(copy, sampling.SamplerConfig(max_len=max_len,
                                                              segment_len=segment_len), table)
 
+    eos_ids = hf_io.eos_token_ids(world_paths.model_dir, tokenizer)
+
+    def run(sampler, retriever, config, key):
+        return rollout_lib.rollout(sampler, tokenizer, retriever, prompt_ids, config, key,
+                                   eos_ids=eos_ids)
+
     return dict(tokenizer=tokenizer, retriever=retriever, prompt_ids=prompt_ids, copy=copy,
-                sampler=make_sampler(), make_sampler=make_sampler)
+                sampler=make_sampler(), make_sampler=make_sampler, run=run, eos_ids=eos_ids)
 
 
 @pytest.fixture(scope="module")
 def trajectories(world):
     recorder = RecordingRetriever(world["retriever"])
-    out = rollout_lib.rollout(world["sampler"], world["tokenizer"], recorder, world["prompt_ids"],
-                              rollout_lib.RolloutConfig(max_retrievals=3, top_k=3),
-                              jax.random.key(0))
+    out = world["run"](world["sampler"], recorder,
+                       rollout_lib.RolloutConfig(max_retrievals=3, top_k=3), jax.random.key(0))
     return out, recorder.calls
+
+
+def _inserted_blocks(out, b, tokenizer) -> list[str]:
+    """The decoded runs of unmasked tokens inside row b's response."""
+    p, n = out.prompt_lengths[b], out.lengths[b]
+    response, mask = out.tokens[b, p:n], out.loss_mask[b, p:n]
+    edges = np.flatnonzero(np.diff(np.concatenate([[1], mask.astype(int), [1]])))
+    return [tokenizer.decode(response[s:e].tolist()) for s, e in zip(edges[::2], edges[1::2])]
+
+
+def _assert_row_is_consistent(out, b, prompt, tokenizer, max_len):
+    """Row b holds its prompt, sampled tokens (masked, with log-probs) and whole document
+    blocks (unmasked), and nothing at or past its length, which is within the buffer."""
+    n, p = out.lengths[b], out.prompt_lengths[b]
+    assert n <= max_len
+    assert out.tokens[b, :p].tolist() == prompt
+    assert not out.loss_mask[b, :p].any() and not out.loss_mask[b, n:].any()
+    assert (out.tokens[b, n:] == 0).all() and (out.sampler_logprobs[b, n:] == 0).all()
+    assert (out.sampler_logprobs[b][out.loss_mask[b]] < 0).all()
+    assert (out.sampler_logprobs[b][~out.loss_mask[b]] == 0).all()
+    inserted = _inserted_blocks(out, b, tokenizer)
+    assert len(inserted) == len(out.queries[b])
+    for text in inserted:
+        assert text.lstrip("\n").startswith(prompts.BEGIN_DOCUMENTS)
+        assert text.endswith(prompts.END_DOCUMENTS + "\n\n")
+    if n > p and out.end_reasons[b] != "truncated":
+        assert out.loss_mask[b, n - 1]  # a row that ended by itself ends on a sampled token
 
 
 def test_loss_mask_is_exactly_the_sampled_tokens(world, trajectories):
     out, _ = trajectories
-    tokenizer = world["tokenizer"]
     assert out.tokens.shape == out.loss_mask.shape == out.sampler_logprobs.shape
     for b, prompt in enumerate(world["prompt_ids"]):
-        n, p = out.lengths[b], out.prompt_lengths[b]
-        assert out.tokens[b, :p].tolist() == prompt
-        assert not out.loss_mask[b, :p].any() and not out.loss_mask[b, n:].any()
-        assert (out.tokens[b, n:] == 0).all()
-        # Sampled tokens have a log-prob, inserted ones none.
-        assert (out.sampler_logprobs[b][out.loss_mask[b]] < 0).all()
-        assert (out.sampler_logprobs[b][~out.loss_mask[b]] == 0).all()
-        # Every run of unmasked tokens inside the response is one whole document block.
-        response = out.tokens[b, p:n]
-        mask = out.loss_mask[b, p:n]
-        edges = np.flatnonzero(np.diff(np.concatenate([[1], mask.astype(int), [1]])))
-        inserted = [tokenizer.decode(response[s:e].tolist()) for s, e in zip(edges[::2], edges[1::2])]
-        assert len(inserted) == len(out.queries[b])
-        for text in inserted:
-            assert text.lstrip("\n").startswith(prompts.BEGIN_DOCUMENTS)
-            assert text.endswith(prompts.END_DOCUMENTS + "\n\n")
-        assert out.responses[b].count(prompts.BEGIN_DOCUMENTS + "\n") == len(out.queries[b])
+        _assert_row_is_consistent(out, b, prompt, world["tokenizer"], 768)
 
 
 def test_responses_decode_from_the_tokens_and_read_as_the_spec(world, trajectories):
@@ -85,7 +103,7 @@ def test_responses_decode_from_the_tokens_and_read_as_the_spec(world, trajectori
     for b in range(ROWS):
         ids = out.tokens[b, out.prompt_lengths[b]:out.lengths[b]].tolist()
         if out.end_reasons[b] == "eos":
-            assert ids[-1] == tokenizer.eos_token_id
+            assert ids[-1] in world["eos_ids"]
             ids = ids[:-1]
         assert tokenizer.decode(ids) == out.responses[b]
         # Each query tag is followed by exactly the spec's continuation.
@@ -99,19 +117,23 @@ def test_one_search_per_round_with_every_paused_query(trajectories):
     out, calls = trajectories
     assert calls, "the tiny model should write at least one query in 12 samples"
     assert all(k == 3 for _, k in calls)
-    searched = [q for queries, _ in calls for q in queries]
-    assert sorted(searched) == sorted(q for row in out.queries for q in row)
+    searched = collections.Counter(q for queries, _ in calls for q in queries)
+    inserted = collections.Counter(q for row in out.queries for q in row)
+    # A query whose documents would overflow the buffer is searched, not inserted, and
+    # ends its row short of the buffer's end.
+    assert inserted <= searched
+    cut_short = sum(r == "truncated" and n < 768 for r, n in zip(out.end_reasons, out.lengths))
+    assert sum((searched - inserted).values()) == cut_short
     assert len(calls) <= 3  # max_retrievals rounds at most
     metrics = out.metrics()
-    assert metrics["queries_per_row"] == pytest.approx(len(searched) / ROWS)
+    assert metrics["queries_per_row"] == pytest.approx(sum(inserted.values()) / ROWS)
     assert sum(metrics[f"end_{r}"] for r in rollout_lib.END_REASONS) == pytest.approx(1.0)
 
 
 def test_same_key_same_trajectories(world, trajectories):
     out, _ = trajectories
-    again = rollout_lib.rollout(world["sampler"], world["tokenizer"], world["retriever"],
-                                world["prompt_ids"], rollout_lib.RolloutConfig(3, 3),
-                                jax.random.key(0))
+    again = world["run"](world["sampler"], world["retriever"], rollout_lib.RolloutConfig(3, 3),
+                         jax.random.key(0))
     np.testing.assert_array_equal(again.tokens, out.tokens)
     np.testing.assert_array_equal(again.loss_mask, out.loss_mask)
     assert again.responses == out.responses
@@ -119,22 +141,57 @@ def test_same_key_same_trajectories(world, trajectories):
 
 def test_no_retrievals_left_ends_rows_at_their_query(world):
     recorder = RecordingRetriever(world["retriever"])
-    out = rollout_lib.rollout(world["sampler"], world["tokenizer"], recorder, world["prompt_ids"],
-                              rollout_lib.RolloutConfig(max_retrievals=0), jax.random.key(0))
+    out = world["run"](world["sampler"], recorder, rollout_lib.RolloutConfig(max_retrievals=0),
+                       jax.random.key(0))
     assert recorder.calls == []
     assert all(q == [] for q in out.queries)
     assert "retrieval_limit" in out.end_reasons  # the model queries first in most samples
 
 
-def test_a_full_buffer_truncates_and_keeps_the_mask_consistent(world):
-    longest = max(map(len, world["prompt_ids"]))
-    sampler = world["make_sampler"](max_len=longest + 40, segment_len=64)
-    out = rollout_lib.rollout(sampler, world["tokenizer"], world["retriever"], world["prompt_ids"],
-                              rollout_lib.RolloutConfig(max_retrievals=3), jax.random.key(1))
+@pytest.mark.parametrize("room", [40, 160])
+def test_a_full_buffer_truncates_and_keeps_the_mask_consistent(world, room):
+    """Rows run out of buffer while sampling (room 40) or at a document insert (room 160):
+    either way every row holds whole blocks only, and nothing past its end is scored."""
+    max_len = max(map(len, world["prompt_ids"])) + room
+    sampler = world["make_sampler"](max_len=max_len, segment_len=64)
+    out = world["run"](sampler, world["retriever"], rollout_lib.RolloutConfig(max_retrievals=3),
+                       jax.random.key(1))
     assert "truncated" in out.end_reasons
-    assert (out.lengths <= longest + 40).all()
-    for b in range(ROWS):
-        assert not out.loss_mask[b, :out.prompt_lengths[b]].any()
+    for b, prompt in enumerate(world["prompt_ids"]):
+        _assert_row_is_consistent(out, b, prompt, world["tokenizer"], max_len)
+        if out.end_reasons[b] == "truncated" and out.lengths[b] < max_len:
+            # Stopped short of the end: its next block would not fit, so it ends on the query
+            # the policy sampled, and the reward goes on that token.
+            assert out.loss_mask[b, out.lengths[b] - 1]
+            assert _last_token_completes_a_query(out, b, world["tokenizer"])
+
+
+def _last_token_completes_a_query(out, b, tokenizer) -> bool:
+    ids = out.tokens[b, out.prompt_lengths[b]:out.lengths[b]].tolist()
+    before, after = tokenizer.decode(ids[:-1]), tokenizer.decode(ids)
+    return after.count(prompts.END_QUERY) == before.count(prompts.END_QUERY) + 1
+
+
+class LongPassages:
+    """A retriever whose every passage is longer than the buffer has left."""
+
+    def search(self, queries, k):
+        return [[Passage(id=str(i), title=f"Long {i}", text="many words " * 150,
+                         format="hotpot_abstract") for i in range(k)] for _ in queries]
+
+
+def test_documents_that_do_not_fit_whole_are_not_inserted(world):
+    out = world["run"](world["sampler"], LongPassages(), rollout_lib.RolloutConfig(max_retrievals=3),
+                       jax.random.key(0))
+    cut = [b for b in range(ROWS) if out.end_reasons[b] == "truncated"]
+    assert cut, "the tiny model should write a query in some of 12 samples"
+    for b in cut:
+        p, n = out.prompt_lengths[b], out.lengths[b]
+        assert out.queries[b] == [] and n < 768
+        assert out.loss_mask[b, p:n].all()  # only what the policy sampled
+        assert prompts.BEGIN_DOCUMENTS not in out.responses[b]
+        assert _last_token_completes_a_query(out, b, world["tokenizer"])
+    assert out.metrics()["end_truncated"] == len(cut) / ROWS
 
 
 def test_the_sampler_must_stop_at_the_rollout_tags(world):
@@ -143,8 +200,7 @@ def test_the_sampler_must_stop_at_the_rollout_tags(world):
                                                   vocab_size=world["copy"].config.vocab_size)
     wrong = sampling.Sampler(world["copy"], sampling.SamplerConfig(max_len=64), table)
     with pytest.raises(ValueError, match="must stop at"):
-        rollout_lib.rollout(wrong, tokenizer, world["retriever"], world["prompt_ids"],
-                            rollout_lib.RolloutConfig(), jax.random.key(0))
+        world["run"](wrong, world["retriever"], rollout_lib.RolloutConfig(), jax.random.key(0))
 
 
 @pytest.mark.parametrize("segment, query, overshoot", [
@@ -179,3 +235,26 @@ def test_qwen_overshoot_token_reads_as_the_spec(reference_dir):
     assert fitted
     whole = qwen_tokenizer.decode(sampled + qwen_tokenizer.encode(insert, add_special_tokens=False))
     assert whole == "<|begin_of_query|> Paris mayor<|end_of_query|>" + block
+
+
+def test_a_row_ends_at_any_of_the_models_eos_ids(world, trajectories):
+    """An instruct model has several end-of-sequence ids; here the token the policy samples
+    most often plays the second one: no row samples past it, and a row that writes it ends."""
+    out, _ = trajectories
+    sampled = np.concatenate([out.tokens[b][out.loss_mask[b]] for b in range(ROWS)])
+    values, counts = np.unique(sampled, return_counts=True)
+    second = int(values[np.argmax(counts)])
+    eos_ids = (*world["eos_ids"], second)
+    again = rollout_lib.rollout(world["sampler"], world["tokenizer"], world["retriever"],
+                                world["prompt_ids"], rollout_lib.RolloutConfig(3, 3),
+                                jax.random.key(0), eos_ids=eos_ids)
+    ended_there = 0
+    for b in range(ROWS):
+        tokens = again.tokens[b][again.loss_mask[b]]
+        assert not np.isin(tokens[:-1], eos_ids).any()  # nothing sampled after an end
+        if again.end_reasons[b] == "eos":
+            assert tokens[-1] in eos_ids
+            ended_there += tokens[-1] == second
+        else:
+            assert len(tokens) == 0 or tokens[-1] not in eos_ids
+    assert ended_there >= 1, f"token {second} was sampled {counts.max()} times before"

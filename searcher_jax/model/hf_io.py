@@ -43,6 +43,43 @@ def load_tokenizer(directory):
     return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
+def _eos_field(value, source: str) -> list[int]:
+    """An `eos_token_id` field (absent, an int, or a list of ints) as a list."""
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{source}: eos_token_id must be a token id or a list of them, "
+                         f"got {value!r}")
+    return values
+
+
+def eos_token_ids(directory, tokenizer=None) -> tuple[int, ...]:
+    """Every id that ends a sequence for the model in `directory`, in first-seen order.
+
+    The union of config.json's `eos_token_id`, generation_config.json's (an int
+    or a list: Qwen2.5-Instruct lists [151645, 151643], Llama-3.1-Instruct
+    [128001, 128008, 128009]) and the tokenizer's, because a model stops at
+    whichever of them it writes and HF `generate` reads the generation config.
+    The rollout, evaluation, `ask` and the world's probe all take this set.
+
+    Raises:
+      ValueError: a malformed field, or no id at all.
+    """
+    directory = epath.Path(directory)
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        path = directory / name
+        if path.exists():
+            ids += _eos_field(json.loads(path.read_text()).get("eos_token_id"), str(path))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError(f"{directory}: no eos_token_id in config.json, generation_config.json "
+                         "or the tokenizer; a rollout needs one to end rows")
+    return tuple(dict.fromkeys(ids))
+
+
 # --- Names and layouts ---------------------------------------------------------------------
 
 def _layer_tensors(config: ModelConfig, layer: int):
@@ -242,8 +279,14 @@ def _to_host(value: jax.Array) -> np.ndarray:
     return sharding.host_array(value).astype(np.float32, copy=False)
 
 def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHARD_BYTES,
-                    hf_config_extra: dict | None = None) -> None:
-    """Writes config.json and safetensors shards that transformers' from_pretrained loads."""
+                    hf_config_extra: dict | None = None,
+                    eos_ids: tuple[int, ...] | None = None) -> None:
+    """Writes config.json and safetensors shards that transformers' from_pretrained loads.
+
+    eos_ids, when given, go to generation_config.json, so an exported policy
+    (the next stage's model.hf_dir) keeps every end-of-sequence id of the model
+    it was trained from, not only config.json's.
+    """
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
     directory = epath.Path(directory)
@@ -293,3 +336,6 @@ def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHA
         (directory / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if eos_ids:
+        (directory / "generation_config.json").write_text(json.dumps(
+            {"eos_token_id": [int(i) for i in eos_ids]}, indent=2))

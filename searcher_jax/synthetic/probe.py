@@ -4,6 +4,7 @@ Sampling runs through the real sampler (searcher_jax/sampling) with no stop
 strings, so a row ends at end-of-sequence or after `max_new_tokens`.
 """
 import re
+from collections.abc import Sequence
 
 import jax
 
@@ -21,24 +22,27 @@ def has_well_formed_query(text: str) -> bool:
 
 
 def sample(model: Decoder, prompts: list[list[int]], max_new_tokens: int, seed: int,
-           eos_id: int, temperature: float = 1.0) -> list[list[int]]:
-    """Up to `max_new_tokens` sampled ids after each prompt, ending before `eos_id`."""
+           eos_ids: Sequence[int], temperature: float = 1.0) -> list[list[int]]:
+    """Up to `max_new_tokens` sampled ids after each prompt; a row ends at any of `eos_ids`."""
     config = SamplerConfig(max_len=max(map(len, prompts)) + max_new_tokens,
                            segment_len=max_new_tokens,
                            select=select.SelectConfig(temperature=temperature))
     sampler = Sampler(model, config)
-    state = sampler.extend(sampler.init(len(prompts), [eos_id], jax.random.key(seed)), prompts)
+    state = sampler.extend(sampler.init(len(prompts), list(eos_ids), jax.random.key(seed)), prompts)
     state, segment = sampler.decode(state)
     new = sampler.new_tokens(state, segment, range(len(prompts)))
     return [new[row][0].tolist() for row in range(len(prompts))]
 
 
 def query_rate(model: Decoder, tokenizer, prompts: list[str], max_new_tokens: int,
-               seed: int) -> tuple[float, list[str]]:
-    """The share of samples with a well-formed query, and the sampled texts."""
+               seed: int, eos_ids: Sequence[int]) -> tuple[float, list[str]]:
+    """The share of samples with a well-formed query, and the sampled texts.
+
+    eos_ids: every id that ends a sample (`hf_io.eos_token_ids`), as in the rollout.
+    """
     ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    eos = tokenizer.eos_token_id
-    samples = [new[:new.index(eos)] if eos in new else new
-               for new in sample(model, ids, max_new_tokens, seed, eos)]
+    ends = set(eos_ids)
+    samples = [next((new[:i] for i, t in enumerate(new) if t in ends), new)
+               for new in sample(model, ids, max_new_tokens, seed, eos_ids)]
     texts = [tokenizer.decode(new) for new in samples]
     return sum(map(has_well_formed_query, texts)) / len(texts), texts

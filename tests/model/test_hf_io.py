@@ -158,3 +158,45 @@ def _hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.o_proj.weight": (e, q), p + "mlp.gate_proj.weight": (f, e),
             p + "mlp.up_proj.weight": (f, e), p + "mlp.down_proj.weight": (e, f)})
     return shapes
+
+
+class _Tokenizer:
+    def __init__(self, eos_token_id):
+        self.eos_token_id = eos_token_id
+
+
+@pytest.mark.parametrize("config_eos, generation_eos, tokenizer_eos, expected", [
+    # Qwen2.5-7B-Instruct: config.json 151645, generation_config.json both.
+    (151645, [151645, 151643], 151645, (151645, 151643)),
+    # Llama-3.1-8B-Instruct: config.json lists three, the tokenizer names 128009.
+    ([128001, 128008, 128009], [128001, 128008, 128009], 128009, (128001, 128008, 128009)),
+    (7, None, None, (7,)),  # no generation config
+    (None, 3, 5, (3, 5)),
+])
+def test_eos_ids_are_the_union_of_config_generation_config_and_tokenizer(
+        tmp_path, config_eos, generation_eos, tokenizer_eos, expected):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": config_eos}))
+    if generation_eos is not None:
+        (tmp_path / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": generation_eos}))
+    assert hf_io.eos_token_ids(tmp_path, _Tokenizer(tokenizer_eos)) == expected
+
+
+def test_no_or_malformed_eos_ids_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ValueError, match="no eos_token_id"):
+        hf_io.eos_token_ids(tmp_path, _Tokenizer(None))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["</s>"]}))
+    with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id must be"):
+        hf_io.eos_token_ids(tmp_path)
+
+
+def test_eos_ids_of_the_released_instruct_models(reference_dir, tmp_path):
+    """Real files: Qwen2.5-Instruct ends at <|im_end|> or <|endoftext|>, Llama-3.1-Instruct at
+    any of the three ids its config.json lists."""
+    qwen = tmp_path / "qwen"
+    shutil.copytree(reference_dir / "tokenizers" / "qwen2.5", qwen)
+    shutil.copy(reference_dir / "hf_configs" / "Qwen2.5-0.5B-Instruct" / "config.json", qwen)
+    assert hf_io.eos_token_ids(qwen, hf_io.load_tokenizer(qwen)) == (151645, 151643)
+    llama = reference_dir / "hf_configs" / "Llama-3.1-8B-Instruct"
+    assert hf_io.eos_token_ids(llama) == (128001, 128008, 128009)

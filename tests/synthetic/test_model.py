@@ -75,7 +75,8 @@ def test_model_writes_well_formed_queries_for_unseen_entities(world_paths, model
     model, tokenizer = model_and_tokenizer
     questions = world_files.read_jsonl(world_paths.eval_questions)[:NUM_SAMPLES]
     prompt_texts = [prompts.base_prompt(row["question"]) for row in questions]
-    rate, texts = probe.query_rate(model, tokenizer, prompt_texts, max_new_tokens=64, seed=0)
+    rate, texts = probe.query_rate(model, tokenizer, prompt_texts, max_new_tokens=64, seed=0,
+                                   eos_ids=hf_io.eos_token_ids(world_paths.model_dir, tokenizer))
     assert rate >= MIN_WELL_FORMED, texts
 
 
