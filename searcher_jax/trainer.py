@@ -94,6 +94,7 @@ class Parts:
     """Everything the loop calls, built once from the run config."""
     graphdef: Any  # the training Decoder's structure (its fp32 params live in the TrainState)
     tokenizer: Any
+    eos_ids: tuple[int, ...]  # every id that ends a row (config.json, generation config, tokenizer)
     retriever: Any
     sampler: sampling.Sampler
     eval_sampler: sampling.Sampler
@@ -140,6 +141,7 @@ def build_parts(config, with_train_questions: bool = True) -> tuple[Parts, Any]:
     graphdef, params = nnx.split(model)
     return Parts(
         graphdef=graphdef, tokenizer=tokenizer,
+        eos_ids=hf_io.eos_token_ids(config.model.hf_dir, tokenizer),
         retriever=make_retriever(run_config.retriever_config(config)),
         sampler=sampling.Sampler(copy, sample_config, table, mesh),
         eval_sampler=sampling.Sampler(copy, greedy, table, mesh), mesh=mesh,
@@ -205,7 +207,7 @@ def run_eval(parts: Parts, config, graphdef, params, step: int,
         parts.eval_sampler, parts.tokenizer, parts.retriever, questions,
         encode_prompt_fn(parts.tokenizer, run_config.data_config(config).prompt_style),
         train_cfg.eval_batch_size, run_config.eval_rollout_config(config),
-        reward_config=run_config.reward_config(config))
+        reward_config=run_config.reward_config(config), eos_ids=parts.eos_ids)
     summary = evaluation.summarize(records)
     writer.write("eval", step, summary)
     return summary
@@ -255,11 +257,11 @@ def train(config) -> dict[str, Any]:
         last["eval"] = run_eval(parts, config, graphdef, state.params, 0, writer)
     stop = _StopSignal()
     for step in range(start, total):
-        if stop.received:
+        if stop.agreed():
             checkpointer.save(step, state, {"step": step, "data_position": position}, force=True)
             checkpointer.close()
             logging.warning("stopped by signal %s after step %d; saved, and a rerun resumes here",
-                            stop.received, step)
+                            stop.received or "on another process", step)
             return last
         t0 = time.perf_counter()
         prompt_questions = order.batch(position, train_cfg.prompts_per_step)
@@ -270,7 +272,8 @@ def train(config) -> dict[str, Any]:
         parts.sampler.set_model(sampling.sampling_copy(nnx.merge(graphdef, state.params),
                                                        parts.mesh))
         trajectories = rollout(parts.sampler, parts.tokenizer, parts.retriever, prompt_ids,
-                               rollout_cfg, jax.random.fold_in(base_key, step))
+                               rollout_cfg, jax.random.fold_in(base_key, step),
+                               eos_ids=parts.eos_ids)
         t1 = time.perf_counter()
         rewards, reward_metrics = score(trajectories, questions, reward_cfg)
         batch = rollout_batch(trajectories, rewards, parts.sampler.config.max_len, parts.mesh)
@@ -291,7 +294,8 @@ def train(config) -> dict[str, Any]:
     if start < total:
         last["eval"] = run_eval(parts, config, graphdef, state.params, total, writer)
     if train_cfg.export_hf:
-        hf_io.save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf")
+        hf_io.save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf",
+                              eos_ids=parts.eos_ids)
         if jax.process_index() == 0:
             parts.tokenizer.save_pretrained(str(workdir / "hf"))
         logging.info("exported the policy to %s (the next stage's model.hf_dir)", workdir / "hf")
@@ -310,6 +314,20 @@ class _StopSignal:
 
     def _record(self, signum, _frame):
         self.received = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """Whether any process has received the signal, the same answer on every process.
+
+        Hosts of a pod see a preemption notice at different moments; a process that
+        stopped alone would save while the others wait in the next rollout's
+        collectives, and the pod would hang instead of saving. One all-gather of a
+        flag at the top of each step makes every process stop on the same step.
+        """
+        local = self.received is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
 
 
 def _abstract(x):

@@ -2,11 +2,13 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -39,10 +41,14 @@ def read_metrics(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+STEPS = 3
+TIMING = ("rollout_s", "train_s")
+
+
 @pytest.fixture(scope="module")
 def first_run(world_model_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    result = trainer.train(tiny_run(world_model_dir, workdir, steps=2))
+    result = trainer.train(tiny_run(world_model_dir, workdir, steps=STEPS))
     return workdir, result
 
 
@@ -50,7 +56,7 @@ def test_a_run_logs_trains_evaluates_and_exports(first_run, world_paths):
     workdir, result = first_run
     records = read_metrics(workdir)
     assert [(r["kind"], r["step"]) for r in records] == [
-        ("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+        ("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
     train = records[1]
     assert train["optimizer_steps"] == 2 and train["skipped_steps"] == 0  # 8 rows / 4 per step
     assert -2.0 <= train["reward"] <= 1.0 and 0 <= train["format_ok"] <= 1
@@ -61,15 +67,45 @@ def test_a_run_logs_trains_evaluates_and_exports(first_run, world_paths):
     initial = hf_io.load_pretrained(world_paths.model_dir)
     assert not np.allclose(np.asarray(exported.embed[...]), np.asarray(initial.embed[...]))
     assert hf_io.load_tokenizer(workdir / "hf").eos_token_id is not None
-    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 2
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == STEPS
+    # Every end-of-sequence id of the base model travels with the exported policy.
+    assert (hf_io.eos_token_ids(workdir / "hf")
+            == hf_io.eos_token_ids(world_paths.model_dir, hf_io.load_tokenizer(world_paths.model_dir)))
 
 
-def test_a_run_resumes_from_its_checkpoint(first_run, world_model_dir):
+def _saved(workdir, step: int):
+    """(state as host arrays, meta) of a saved step, read back with Orbax as it was written."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    path = workdir / "checkpoints" / str(step)
+    state = ocp.PyTreeCheckpointer().restore(path / "state")
+    meta = json.loads((path / "meta" / "metadata").read_text())
+    return jax.tree.map(np.asarray, state), meta
+
+
+def test_a_resumed_run_equals_the_uninterrupted_run(first_run, world_model_dir, tmp_path):
+    """What a run preempted right after saving step 2 leaves on disk, resumed with the same
+    config, ends where the uninterrupted run ended: params, Adam state, data position and
+    metrics equal bit for bit on CPU."""
     workdir, _ = first_run
-    trainer.train(tiny_run(world_model_dir, workdir, steps=3))
-    steps = [(r["kind"], r["step"]) for r in read_metrics(workdir)]
-    # Only step 3 ran again: no second evaluation at step 0, no repeated steps 1-2.
-    assert steps[4:] == [("train", 3), ("eval", 3)]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir / "checkpoints" / "2", resumed / "checkpoints" / "2")
+    records = read_metrics(workdir)
+    (resumed / "metrics.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in records if r["step"] <= 2 and r["kind"] == "train"
+        or r["step"] == 0))
+    trainer.train(tiny_run(world_model_dir, resumed, steps=STEPS))
+    again = read_metrics(resumed)
+    assert [(r["kind"], r["step"]) for r in again] == [(r["kind"], r["step"]) for r in records]
+    for one, two in zip(records, again):
+        assert {k: v for k, v in one.items() if k not in TIMING} == {
+            k: v for k, v in two.items() if k not in TIMING}
+    (state, meta), (state_again, meta_again) = _saved(workdir, STEPS), _saved(resumed, STEPS)
+    assert meta == meta_again and meta["data_position"] == STEPS * 2
+    assert set(state) == {"params", "opt_state", "step", "skipped"}
+    assert jax.tree.structure(state) == jax.tree.structure(state_again)
+    for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(state)),
+                          jax.tree.leaves(state_again)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def test_rows_that_do_not_split_fail_before_any_rollout(world_model_dir, tmp_path):
