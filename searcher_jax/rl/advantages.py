@@ -13,6 +13,10 @@ The loss mask weights the KL and the whitening statistics only: it never
 zeroes the running return, so a document block inside a response leaves
 the returns before and after it as they would be without the block.
 
+Rewards (per group) and returns (over the batch) that are equal up to rounding
+shape to exactly 0: the group mean of 16 copies of 0.4 is not 0.4 in float32,
+and dividing the residue by its own std would turn a tie into a +-1 signal.
+
 Called inside jit on global arrays, the sums are over the whole rollout
 batch on every host (XLA inserts the cross-device reductions).
 """
@@ -25,6 +29,14 @@ import jax.numpy as jnp
 
 GRPO_STD_EPS = 1e-9  # (r - mean) / (std + eps), std with ddof 1.
 WHITEN_VAR_FLOOR = 1e-8  # (x - mean) * rsqrt(max(var, floor)), var over mask tokens (ddof 0).
+# Values whose spread (max - min) is at most TIE_RTOL * max|value| are equal up to rounding and
+# carry no signal: their deviations are 0, never divided by a std that is itself rounding noise.
+# Four float32 ulps of the magnitude: rewards equal in exact arithmetic reach float32 at most one
+# ulp apart (a float64 reward cast once; each F1 value p/q with up to 10 tokens a side lands on
+# one float32 whichever (precision, recall) pair reaches it), while distinct rewards differ by
+# far more (those F1 values are >= 1/190 apart). A KL term below four ulps of a return is below
+# the float32 resolution of the sum that holds it.
+TIE_RTOL = 4 * float(jnp.finfo(jnp.float32).eps)
 
 
 def _groups(rewards, n: int):
@@ -34,26 +46,60 @@ def _groups(rewards, n: int):
     return rewards.reshape(-1, n)
 
 
+def _equal_up_to_rounding(high, low, magnitude):
+    """Bool array: whether sets with these maxima, minima and max |value| (arrays of one shape)
+    are equal up to rounding (TIE_RTOL). A NaN makes a set unequal, so it still reaches the loss
+    and the step is skipped as non-finite."""
+    return high - low <= TIE_RTOL * magnitude
+
+
+def _shifted_groups(rewards, n: int):
+    """[B] -> ([B / n, n] rewards minus their group's first reward, [B / n, 1] tied flags).
+
+    The mean of n equal float32 rewards is in general not that reward (16 x 0.4 sums to a
+    float32 one rounding step off), so r - mean(r) would leave the same rounding residue on every
+    row. Shifting by a member of the group first makes a tied group all exact zeros (x - x == 0 in
+    IEEE arithmetic) and keeps an untied group's deviations accurate relative to its spread, not
+    its magnitude; `tied` (compared on the unshifted rewards, against their magnitude) then zeroes
+    the groups that are equal up to rounding, whatever the platform's summation order.
+    """
+    groups = _groups(rewards, n)
+    tied = _equal_up_to_rounding(groups.max(axis=1, keepdims=True),
+                                 groups.min(axis=1, keepdims=True),
+                                 jnp.abs(groups).max(axis=1, keepdims=True))
+    return groups - groups[:, :1], tied
+
+
 def no_baseline(rewards, n: int):
+    """reinforce_pp: [B] rewards as they are (SPEC section 4)."""
     del n
     return rewards
 
 
 def group_mean_baseline(rewards, n: int):
-    groups = _groups(rewards, n)
-    return (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
+    """reinforce_baseline: [B] r - mean of its prompt's group of n (SPEC section 4); 0 for a tied
+    group. Raises ValueError when B is not whole groups."""
+    shifted, tied = _shifted_groups(rewards, n)
+    deviation = shifted - shifted.mean(axis=1, keepdims=True)
+    return jnp.where(tied, 0.0, deviation).reshape(-1)
 
 
 def group_normalize(rewards, n: int):
-    groups = _groups(rewards, n)
-    std = jnp.std(groups, axis=1, keepdims=True, ddof=1)
-    return ((groups - groups.mean(axis=1, keepdims=True)) / (std + GRPO_STD_EPS)).reshape(-1)
+    """grpo: [B] (r - mean) / (std + 1e-9) within each group of n, std with ddof 1 (SPEC section
+    4; Shao et al. 2024, DeepSeekMath section 4.1.2); 0 for a tied group, where the std is 0 or
+    rounding noise. Needs n >= 2; raises ValueError when B is not whole groups."""
+    shifted, tied = _shifted_groups(rewards, n)
+    deviation = shifted - shifted.mean(axis=1, keepdims=True)
+    std = jnp.sqrt(jnp.square(deviation).sum(axis=1, keepdims=True) / (n - 1))
+    return jnp.where(tied, 0.0, deviation / (std + GRPO_STD_EPS)).reshape(-1)
 
 
 def leave_one_out_baseline(rewards, n: int):
-    groups = _groups(rewards, n)
-    others_mean = (groups.sum(axis=1, keepdims=True) - groups) / (n - 1)
-    return (groups - others_mean).reshape(-1)
+    """rloo: [B] r - mean of the other n - 1 rewards of its group (Kool et al. 2019; Ahmadian
+    et al. 2024); 0 for a tied group. Needs n >= 2; raises ValueError when B is not whole groups."""
+    shifted, tied = _shifted_groups(rewards, n)
+    others_mean = (shifted.sum(axis=1, keepdims=True) - shifted) / (n - 1)
+    return jnp.where(tied, 0.0, shifted - others_mean).reshape(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +148,21 @@ def masked_mean_var(x, mask):
 
 
 def whiten(x, mask):
-    """(x - mean) / std with statistics over mask tokens only; applied to every token."""
-    mean, var = masked_mean_var(x, mask)
-    return (x - mean) * jnp.reciprocal(jnp.sqrt(jnp.maximum(var, WHITEN_VAR_FLOOR)))
+    """[B, T] -> [B, T]: (x - mean) * rsqrt(max(var, WHITEN_VAR_FLOOR)), statistics over mask tokens
+    only (ddof 0, SPEC section 4), applied to every token; 0 everywhere when the mask
+    tokens' values are equal up to rounding (TIE_RTOL), where the deviations are rounding residue.
+
+    x is shifted by its value at the first mask token before the mean, for the reason given in
+    _shifted_groups: a batch of one repeated value whitens to exact zeros.
+    """
+    mask = mask.astype(bool)
+    shifted = x - x.reshape(-1)[jnp.argmax(mask.reshape(-1))]
+    mean, var = masked_mean_var(shifted, mask)
+    whitened = (shifted - mean) * jnp.reciprocal(jnp.sqrt(jnp.maximum(var, WHITEN_VAR_FLOOR)))
+    tied = _equal_up_to_rounding(jnp.max(jnp.where(mask, x, -jnp.inf)),
+                                 jnp.min(jnp.where(mask, x, jnp.inf)),
+                                 jnp.max(jnp.where(mask, jnp.abs(x), 0.0)))
+    return jnp.where(tied, 0.0, whitened)
 
 
 def compute_advantages(estimator: str, rewards, loss_mask, n: int, kl=None, kl_coef: float = 0.0):

@@ -9,15 +9,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from searcher_jax.rl import kl as kl_lib
 
-if TYPE_CHECKING:
-    from searcher_jax.rl.config import RLConfig
+
+class LossConfig(Protocol):
+    """The fields of the loss's configuration read here; config.RLConfig has them all.
+
+    A structural type, so this module does not import config.py, which imports this module to
+    check `policy_loss` against POLICY_LOSSES.
+    """
+    policy_loss: str
+    clip_eps_low: float
+    dual_clip: float | None
+    aggregation: str
+    kl_coef: float
+    kl_estimator: str
+    kl_in: str
+
+    @property
+    def clip_high(self) -> float: ...
+
+    @property
+    def uses_reference(self) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +44,7 @@ class PolicyLossOutput:
     clipped: jax.Array  # [b, T] float: 1 where a clip bound decided the loss
 
 
-def ppo_clipped(logp, old_logp, advantages, config: "RLConfig") -> PolicyLossOutput:
+def ppo_clipped(logp, old_logp, advantages, config: LossConfig) -> PolicyLossOutput:
     """PPO's clipped surrogate, optionally with separate high eps and dual clip.
 
     loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp - old_logp);
@@ -87,7 +105,7 @@ def token_mean(values, loss_mask, normalizer: Normalizer):
     return aggregate(values, loss_mask, "token_mean", normalizer)
 
 
-def policy_objective(logp, old_logp, advantages, loss_mask, config: "RLConfig",
+def policy_objective(logp, old_logp, advantages, loss_mask, config: LossConfig,
                      normalizer: Normalizer, ref_logp=None, entropy=None):
     """The loss of one piece of an optimizer step's batch, and its metrics.
 

@@ -38,7 +38,11 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close(hf_models, padded_batch)
     bf16 = np.asarray(model(jnp.asarray(tokens)))
     assert bf16.dtype == np.float32
     diff = max_valid_diff(bf16, fp32, lengths)
-    assert 0 < diff < 0.1 * np.abs(fp32).max()
+    # Measured 0.0106 of max |fp32 logit| (0.0184 of 1.73) here, and 0.0080 to 0.0122 over five
+    # model seeds x three token draws (about 3 bf16 epsilons, 2^-8): the bound is 2.8x this
+    # case's error and 2.5x the largest seen, so a change that raises the bf16 error by that
+    # much fails.
+    assert 0 < diff < 0.03 * np.abs(fp32).max()
 
 
 def test_remat_gives_the_same_logits(hf_models, padded_batch):

@@ -1,11 +1,13 @@
-"""Advantage estimators and KL estimators against numpy references written from SPEC section 4."""
-import math
+"""Advantage estimators and KL estimators against the numpy references of tests/rl/reference.py."""
+import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from searcher_jax.rl import advantages, kl
+from tests.rl import reference
 
 N = 4  # samples per prompt
 PROMPTS = 3
@@ -33,43 +35,6 @@ def _rollout(seed):
     return rewards, mask, kl_tokens
 
 
-def _reference(estimator, rewards, mask, kl_tokens, kl_coef):
-    """SPEC section 4, row by row, in float64."""
-    rewards = rewards.astype(np.float64)
-    b = rewards.shape[0]
-    shaped = np.empty(b)
-    for g in range(b // N):
-        group = rewards[g * N:(g + 1) * N]
-        for i in range(N):
-            r = group[i]
-            if estimator == "reinforce_pp":
-                shaped[g * N + i] = r
-            elif estimator == "reinforce_baseline":
-                shaped[g * N + i] = r - group.mean()
-            elif estimator == "grpo":
-                std = math.sqrt(sum((x - group.mean()) ** 2 for x in group) / (N - 1))
-                shaped[g * N + i] = (r - group.mean()) / (std + 1e-9)
-            elif estimator == "rloo":
-                shaped[g * N + i] = r - (group.sum() - r) / (N - 1)
-    returns = np.zeros((b, T))
-    for row in range(b):
-        sampled = np.nonzero(mask[row])[0]
-        per_token = np.zeros(T)
-        for t in range(T):
-            if mask[row, t]:
-                per_token[t] -= kl_coef * kl_tokens[row, t]
-        per_token[sampled[-1]] += shaped[row]  # the last token the policy sampled
-        running = 0.0
-        for t in reversed(range(T)):  # gamma 1; the mask never resets the running return
-            running += per_token[t]
-            returns[row, t] = running
-    if estimator == "grpo":
-        return returns, returns
-    values = returns[mask.astype(bool)]
-    mean, var = values.mean(), values.var()
-    return (returns - mean) / math.sqrt(max(var, 1e-8)), returns
-
-
 @pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_baseline", "grpo", "rloo"])
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_estimator_matches_reference(estimator, kl_coef):
@@ -77,7 +42,7 @@ def test_estimator_matches_reference(estimator, kl_coef):
     got_adv, got_ret = advantages.compute_advantages(
         estimator, jnp.asarray(rewards), jnp.asarray(mask), N, kl=jnp.asarray(kl_tokens),
         kl_coef=kl_coef)
-    want_adv, want_ret = _reference(estimator, rewards, mask, kl_tokens, kl_coef)
+    want_adv, want_ret = reference.advantages(estimator, rewards, mask, N, kl_tokens, kl_coef)
     on = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(got_ret)[on], want_ret[on], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(got_adv)[on], want_adv[on], rtol=1e-4, atol=1e-5)
@@ -124,15 +89,136 @@ def test_document_block_does_not_cut_returns(estimator):
 
 
 def test_groups_are_real_groups():
-    """grpo normalises within each prompt's contiguous n rows, not across prompts."""
-    rewards = jnp.asarray([0.0, 1.0, 0.0, 1.0, 10.0, 10.0, 10.0, 11.0])
-    shaped = np.asarray(advantages.group_normalize(rewards, 4))
-    std = np.std([0, 1, 0, 1], ddof=1)
-    np.testing.assert_allclose(shaped[:4], (np.array([0, 1, 0, 1]) - 0.5) / (std + 1e-9), rtol=1e-6)
-    np.testing.assert_allclose(shaped[4:], (np.array([10, 10, 10, 11]) - 10.25)
-                               / (np.std([10, 10, 10, 11], ddof=1) + 1e-9), rtol=1e-5)
+    """grpo normalises within each prompt's contiguous n rows, not across prompts; a tied group
+    (16 x float32 0.4, whose float32 mean is one rounding step off 0.4) shapes to exactly 0."""
+    rewards = np.concatenate([np.tile([0.0, 1.0], 8), [10.0] * 15 + [11.0], [0.4] * 16])
+    rewards = rewards.astype(np.float32)
+    shaped = np.asarray(advantages.group_normalize(jnp.asarray(rewards), 16))
+    for group in range(2):
+        g = rewards[16 * group:16 * (group + 1)].astype(np.float64)
+        np.testing.assert_allclose(shaped[16 * group:16 * (group + 1)],
+                                   (g - g.mean()) / (g.std(ddof=1) + 1e-9), rtol=1e-5)
+    np.testing.assert_array_equal(shaped[32:], 0.0)
     with pytest.raises(ValueError, match="whole groups"):
-        advantages.group_normalize(rewards, 3)
+        advantages.group_normalize(jnp.asarray(rewards), 5)
+
+
+GROUP_ESTIMATORS = ("reinforce_baseline", "grpo", "rloo")
+F1 = np.asarray([float(v) for v in reference.f1_values()], np.float32)  # 65 values, 0 included
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "n"))
+def _shaped_and_advantages(rewards, mask, *, estimator, n):
+    """Jitted, as the train step runs them (XLA fuses the reductions its own way)."""
+    shaped = advantages.ESTIMATORS[estimator].shape_rewards(rewards, n)
+    return shaped, advantages.compute_advantages(estimator, rewards, mask, n)[0]
+
+
+def _mask(rows, length=6):
+    """Responses at columns 2.. of unequal length, every row at least 2 tokens."""
+    mask = np.zeros((rows, length), np.float32)
+    for row in range(rows):
+        mask[row, 2:4 + row % (length - 3)] = 1
+    return mask
+
+
+def test_sixteen_copies_of_one_reward_give_zero_advantage():
+    total = np.float32(0.0)
+    for _ in range(16):  # one summation order among those a platform may pick
+        total = np.float32(total + np.float32(0.4))
+    assert total / np.float32(16) != np.float32(0.4)  # 0.40000007: one float32 step off
+    rewards = jnp.full((16,), 0.4, jnp.float32)
+    mask = jnp.asarray(_mask(16))
+    for estimator in advantages.ESTIMATORS:
+        eager, _ = advantages.compute_advantages(estimator, rewards, mask, 16)
+        np.testing.assert_array_equal(np.asarray(eager), 0.0, err_msg=estimator)
+        shaped, jitted = _shaped_and_advantages(rewards, mask, estimator=estimator, n=16)
+        np.testing.assert_array_equal(np.asarray(jitted), 0.0, err_msg=estimator)
+        if estimator != "reinforce_pp":  # its shaped reward is the reward itself
+            np.testing.assert_array_equal(np.asarray(shaped), 0.0, err_msg=estimator)
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_every_tied_f1_group_shapes_to_exactly_zero(estimator):
+    """All 65 F1 values reachable with up to 10 tokens a side, each as a tied group of n, n in
+    2..16: shaped rewards are exactly 0, not rounding residue, and so are the (whitened)
+    advantages (those for three sizes, as each size compiles the whole estimator)."""
+    shape = jax.jit(advantages.ESTIMATORS[estimator].shape_rewards, static_argnums=1)
+    for n in range(2, 17):
+        shaped = np.asarray(shape(jnp.asarray(np.repeat(F1, n)), n)).reshape(-1, n)
+        assert np.count_nonzero(shaped) == 0, (n, F1[np.any(shaped != 0, axis=1)])
+    for n in (3, 7, 16):
+        _, got = _shaped_and_advantages(jnp.asarray(np.repeat(F1, n)),
+                                        jnp.asarray(_mask(len(F1) * n)), estimator=estimator, n=n)
+        np.testing.assert_array_equal(np.asarray(got), 0.0, err_msg=f"n={n}")
+
+
+def test_reinforce_pp_batch_of_one_reward_whitens_to_exactly_zero():
+    """reinforce_pp has no groups: a batch whose rewards are all one F1 value has constant
+    returns, and whitening them gives 0, for every value and batch size."""
+    for n in range(2, 17):
+        mask = jnp.asarray(_mask(n))
+        rewards = jnp.asarray(np.repeat(F1[:, None], n, axis=1))  # [65, n]: one batch per value
+        got = jax.vmap(lambda r, mask=mask, n=n: _shaped_and_advantages(
+            r, mask, estimator="reinforce_pp", n=n)[1])(rewards)
+        np.testing.assert_array_equal(np.asarray(got), 0.0, err_msg=f"n={n}")
+
+
+def _mixed_rewards(rng, n, groups=12):
+    """Groups of n F1 rewards: even groups tied (one value), odd groups holding two or more."""
+    rows = []
+    for g in range(groups):
+        if g % 2 == 0:
+            rows.append(np.full(n, rng.choice(F1)))
+        else:
+            group = rng.choice(F1, size=n)
+            while np.all(group == group[0]):
+                group = rng.choice(F1, size=n)
+            rows.append(group)
+    return np.concatenate(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_tied_groups_leave_untied_groups_to_the_published_formula(estimator):
+    """Tied groups beside untied ones: the tied are 0, the untied shape as they do alone, and
+    the whole batch's advantages match the exact-arithmetic reference."""
+    rng = np.random.default_rng(len(estimator))
+    for n in (2, 3, 5, 7, 16):
+        rewards = _mixed_rewards(rng, n)
+        mask = _mask(len(rewards))
+        shaped, got = _shaped_and_advantages(jnp.asarray(rewards), jnp.asarray(mask),
+                                             estimator=estimator, n=n)
+        shaped = np.asarray(shaped).reshape(-1, n)
+        np.testing.assert_array_equal(shaped[0::2], 0.0)
+        untied = rewards.reshape(-1, n)[1::2].ravel()
+        alone, _ = _shaped_and_advantages(jnp.asarray(untied), jnp.asarray(_mask(len(untied))),
+                                          estimator=estimator, n=n)
+        np.testing.assert_array_equal(shaped[1::2].ravel(), np.asarray(alone))
+        want = reference.shaped_rewards(estimator, rewards, n).reshape(-1, n)
+        np.testing.assert_allclose(shaped[1::2], want[1::2], rtol=1e-5, atol=1e-6)
+        want_adv, _ = reference.advantages(estimator, rewards, mask, n)
+        on = mask.astype(bool)
+        np.testing.assert_allclose(np.asarray(got)[on], want_adv[on], rtol=1e-5, atol=1e-5)
+
+
+def test_whitening_a_batch_equal_up_to_rounding_gives_zero():
+    """Returns that are one value, or one value and its float32 neighbours, at any magnitude,
+    whiten to 0 (not +-1, nor rounding residue times 1 / sqrt(floor)); a real spread does not."""
+    rng = np.random.default_rng(0)
+    mask = _mask(24, length=10)
+    on = mask.astype(bool)
+    whiten = jax.jit(advantages.whiten)
+    for value in np.concatenate([F1[1:], [1e3, 3.3e4, -2.0, 1e-6]]).astype(np.float32):
+        x = np.full(mask.shape, value, np.float32)
+        np.testing.assert_array_equal(np.asarray(whiten(x, mask)), 0.0)
+        neighbours = np.nextafter(value, np.float32([-np.inf, np.inf]))
+        x[on] = rng.choice(np.concatenate([[value], neighbours]), size=on.sum())
+        x[~on] = rng.normal(size=(~on).sum())  # off-mask values take no part
+        np.testing.assert_array_equal(np.asarray(whiten(x, mask)), 0.0)
+        x[on] += value * 1e-4 * rng.normal(size=on.sum()).astype(np.float32)
+        got = np.asarray(whiten(x, mask))
+        np.testing.assert_allclose(got[on], reference.whiten(x, mask)[on], rtol=1e-5, atol=1e-6)
+        assert np.abs(got[on]).max() > 0
 
 
 def test_kl_estimators():

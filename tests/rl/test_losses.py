@@ -1,4 +1,7 @@
 """Policy losses: clipping, aggregation over pieces of a step, gradients on a tiny model."""
+import ast
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +11,21 @@ from flax import nnx
 from searcher_jax.rl import losses
 from searcher_jax.rl.config import RLConfig
 from searcher_jax.rl.logprobs import policy_logprobs
+
+
+def test_losses_does_not_import_config():
+    """config.py imports losses.py (to check policy_loss); the reverse, even for type checking
+    only, would close an import cycle. RLConfig has every field of the losses' LossConfig."""
+    tree = ast.parse(inspect.getsource(losses))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+        for alias in node.names}
+    assert not any(name and name.endswith("config") for name in imported), imported
+    fields = set(losses.LossConfig.__annotations__) | {
+        name for name, value in vars(losses.LossConfig).items() if isinstance(value, property)}
+    assert fields >= {"clip_eps_low", "clip_high", "uses_reference"}
+    config = RLConfig()
+    assert all(hasattr(config, name) for name in fields), fields - set(dir(config))
 
 
 def _token_loss_grad(config, ratio, advantage):
