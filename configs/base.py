@@ -5,6 +5,7 @@ section mirrors one part's frozen dataclass (see searcher_jax/run_config.py);
 paths (model.hf_dir, data.*_file, retriever.index_dir) are the user's to give.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from searcher_jax import run_config
 from searcher_jax.data.config import DataConfig
@@ -19,7 +20,9 @@ from searcher_jax.trainer import TrainConfig
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
-    config.model = dict(hf_dir="", dtype="bfloat16", scan_layers=True, remat=True)
+    # init_from: a run's workdir whose latest params start this run (stage 2 from stage 1);
+    # hf_dir still gives the architecture and the tokenizer.
+    config.model = dict(hf_dir="", init_from="", dtype="bfloat16", scan_layers=True, remat=True)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Temperature 1.0, top-p 0.95, 512 tokens a segment; the buffer holds a 1,024-token
     # prompt, 9 segments and 8 document blocks (about 8.5k tokens).
@@ -39,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
                    "max_prompt_len": 1024}
     # 64 prompts x 16 samples = 1,024 rollouts a step, 4 optimizer steps of 256.
     config.train = {**run_config.defaults(TrainConfig), "prompts_per_step": 64}
-    # dir set: build the embedded synthetic world there and use it (configs/demo.py).
-    config.world = dict(dir="", preset="demo")
+    # dir set: build the embedded synthetic world there and use it (configs/demo.py). seed
+    # unset: the preset's; a placeholder, so `--config.world.seed=3` can still give an int.
+    config.world = dict(dir="", preset="demo", seed=config_dict.placeholder(int))
     return ml_collections.ConfigDict(config)

@@ -5,8 +5,8 @@
 
 The default (`llama`) is the released Llama-3.1-8B-Instruct stage 1: grpo with KL 1e-4,
 reward +1/-1 by cover EM plus 0.5 for a well-formed retrieval and 0.5 for the format,
-15 prompts x 16 samples, 60 rows per optimizer step, saved every 10 steps; its export
-(`<workdir>/hf`) is stage 2's model.hf_dir. `--config=configs/stage1.py:paper` uses the
+15 prompts x 16 samples, 60 rows per optimizer step, saved every 10 steps; its workdir is
+stage 2's model.init_from (configs/stage2.py). `--config=configs/stage1.py:paper` uses the
 paper's stage-1 reward instead (0.5 retrieval + 0.5 format, no answer term).
 """
 from configs import base

@@ -5,8 +5,15 @@
         --config.retriever.index_dir=gs://bucket/wiki_index --config.train.workdir=gs://bucket/run
 
 `--config=configs/stage2.py:llama` is the released Llama-3.1-8B-Instruct stage 2, started
-from stage 1's export (`<stage-1 workdir>/hf`): reinforce_baseline with KL 1e-4, F1 with a
--1 format penalty, 65 prompts x 16 samples, 260 rows per optimizer step, saved every 20.
+from stage 1's final checkpoint, which is also its reference policy:
+
+    python launch/tpu_pod.py --config=configs/stage2.py:llama \
+        --config.model.hf_dir=gs://bucket/Llama-3.1-8B-Instruct \
+        --config.model.init_from=gs://bucket/stage1 ...   # stage 1's train.workdir
+
+reinforce_baseline with KL 1e-4, F1 with a -1 format penalty, 65 prompts x 16 samples,
+260 rows per optimizer step, saved every 20. Stage 1's HF export (`<workdir>/hf`) is for
+serving and evaluation, not the hand-off (DESIGN.md point 8).
 The default (`qwen`) is the released Qwen2.5-7B-Base recipe: one run from the base model,
 F1 with a -2 penalty, KL 0, 64 x 16 samples, 256 rows per optimizer step.
 """

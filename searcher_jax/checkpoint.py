@@ -10,13 +10,17 @@ marker) only when complete, so a crash mid-save never damages an earlier step. S
 asynchronous: `save` returns once the arrays are copied to host memory (so the train step
 may donate them), the files are written in the background; `wait()` blocks until done.
 Paths go through etils.epath, so `directory` may be local or gs://.
+
+A stage hands its final policy to the next one through this directory (DESIGN.md point 8):
+`restore_params` reads only the params of a run's latest step, the next run's initial policy
+and reference (SPEC section 4).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Self
+from typing import Any, Self
 
 import jax
 import orbax.checkpoint as ocp
@@ -113,12 +117,7 @@ class Checkpointer:
             or optimizer config).
           CheckpointDamagedError: the step folder exists but cannot be read.
         """
-        self.wait()
-        steps = self.all_steps()
-        step = steps[-1] if step is None and steps else step
-        if step is None or step not in steps:
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} "
-                                    f"in {self.directory} (steps there: {steps})")
+        step = self._existing_step(step)
         path = self.directory / str(step)
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -137,8 +136,55 @@ class Checkpointer:
                                          ) from error
         return restored.state, dict(restored.meta)
 
-    def _differences(self, step: int, abstract_state: TrainState) -> list[str]:
-        """Leaves missing, extra or of another shape/dtype in `step` versus `abstract_state`;
+    def restore_params(self, step: int | None, abstract_params) -> Any:
+        """Only the params of `step` (None: the latest), each on the sharding of its
+        ShapeDtypeStruct in `abstract_params` (an nnx.State like TrainState.params); the Adam
+        moments, step counts and meta stay on disk, unread.
+
+        Raises:
+          FileNotFoundError: no such step (or no checkpoint at all) in the directory.
+          ValueError: the saved params differ from `abstract_params` in a leaf, a shape or a
+            dtype (another model size or architecture, or stacked versus per-layer weights:
+            model.scan_layers); checked on the saved metadata before any array is read, since
+            a partial restore would skip saved leaves it is not asked for.
+          CheckpointDamagedError: the step folder exists but cannot be read.
+        """
+        step = self._existing_step(step)
+        path = self.directory / str(step)
+        differences = self._differences(step, {"params": abstract_params})
+        if differences:
+            listed = "".join(f"\n  {line}" for line in differences)
+            raise ValueError(f"checkpoint {path} holds the params of another model (size, "
+                             f"architecture or model.scan_layers) than the one to restore "
+                             f"into:{listed}")
+        target = {"params": abstract_params}
+        try:
+            # The state item on its own, through PyTreeCheckpointHandler (the format
+            # StandardCheckpointHandler wrote): it can leave the optimizer leaves unread.
+            with ocp.PyTreeCheckpointer() as reader:
+                restored = reader.restore(path / "state", args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True))
+        except Exception as error:
+            raise CheckpointDamagedError(
+                f"checkpoint {path} is damaged or incomplete (restore another step, or delete "
+                f"it): {type(error).__name__}: {str(error)[:_MAX_MESSAGE]}") from error
+        return restored["params"]
+
+    def _existing_step(self, step: int | None) -> int:
+        """`step` (None: the latest) once saves in flight are written; FileNotFoundError if it
+        is not in the directory."""
+        self.wait()
+        steps = self.all_steps()
+        step = steps[-1] if step is None and steps else step
+        if step is None or step not in steps:
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} "
+                                    f"in {self.directory} (steps there: {steps})")
+        return step
+
+    def _differences(self, step: int, abstract_state) -> list[str]:
+        """Leaves missing, extra or of another shape/dtype in `step` versus `abstract_state` (a
+        TrainState, or a dict of some of its fields: then only those fields are compared);
         empty when they agree or the saved metadata itself cannot be read."""
         try:
             saved = ocp.tree.to_flat_dict(self._manager.item_metadata(step)["state"].tree)
@@ -146,6 +192,8 @@ class Checkpointer:
             return []
         # Both flatten to string key tuples, e.g. ("opt_state", "1", "mu", "embed", "value").
         wanted = ocp.tree.to_flat_dict(abstract_state)
+        fields = {key[0] for key in wanted}
+        saved = {key: value for key, value in saved.items() if key[0] in fields}
         found = []  # In the state's leaf order: params first, then the Adam moments mirroring them.
         for key in [*wanted, *(key for key in saved if key not in wanted)]:
             name = "/".join(key)
@@ -170,6 +218,48 @@ class Checkpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def latest_checkpoint(directory: str) -> epath.Path:
+    """The latest step folder of a run: `directory` is its workdir (its `checkpoints/` is read)
+    or that checkpoints directory itself.
+
+    Raises:
+      FileNotFoundError: `directory` does not exist, or holds no checkpoint (names the path).
+        Nothing is created there (a Checkpointer creates a missing directory).
+    """
+    path = epath.Path(directory)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory (give a run's workdir or its "
+                                f"checkpoints directory)")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    with Checkpointer(CheckpointConfig(str(path), save_every=1)) as checkpointer:
+        step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (a run's checkpoints directory holds "
+                                f"one folder per saved step)")
+    return checkpointer.directory / str(step)
+
+
+def restore_params(directory: str, abstract_params) -> tuple[Any, epath.Path]:
+    """(params, the step folder read) of a run's latest checkpoint: how a stage starts from the
+    one before it (SPEC section 4: stage 2 starts from the stage-1 checkpoint; DESIGN.md point 8:
+    the hand-off is the Orbax checkpoint directory, the HF export is for serving).
+
+    `directory`: as for `latest_checkpoint`. Only the params are read (the optimizer state,
+    step and data position belong to the finished run); `abstract_params` (an nnx.State of
+    ShapeDtypeStructs, like TrainState.params) gives their tree, shapes, dtypes and the
+    shardings to place them on (any mesh).
+
+    Raises:
+      FileNotFoundError: `directory` does not exist, or holds no checkpoint (names the path).
+      ValueError: the saved params are another model's (names the differing leaves and shapes).
+      CheckpointDamagedError: the latest step cannot be read.
+    """
+    step_dir = latest_checkpoint(directory)
+    with Checkpointer(CheckpointConfig(str(step_dir.parent), save_every=1)) as checkpointer:
+        return checkpointer.restore_params(int(step_dir.name), abstract_params), step_dir
 
 
 def _describe(leaf) -> str:

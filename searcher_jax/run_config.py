@@ -2,9 +2,10 @@
 
 A run config has one section per part: `model`, `mesh`, `sampler`, `retriever`,
 `rollout`, `eval_rollout`, `rl`, `reward`, `data` and `train` (plus `world`, which
-builds the embedded synthetic world and points the others at it). Each section's keys are the fields of that part's static
-configuration, so `--config.rl.estimator=grpo` reaches `RLConfig.estimator`
-and a misspelt key fails here with the section and the valid names.
+builds the embedded synthetic world and points the others at it). Each section's keys are
+the fields of that part's static configuration (`model`: ModelSource's and ModelConfig's run
+fields), so `--config.rl.estimator=grpo` reaches `RLConfig.estimator` and a misspelt key
+fails here with the section and the valid names.
 """
 from __future__ import annotations
 
@@ -18,8 +19,44 @@ from searcher_jax.rl.rewards import RewardConfig
 from searcher_jax.rollout import RolloutConfig
 from searcher_jax.sampling.sampler import SamplerConfig
 from searcher_jax.sampling.select import SelectConfig
+from searcher_jax.synthetic import build as synthetic_build
+from searcher_jax.synthetic.pretrain import PretrainConfig
+from searcher_jax.synthetic.world import WorldConfig
 
 MODEL_RUN_FIELDS = ("dtype", "scan_layers", "remat")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a run's model comes from: config.model's keys besides ModelConfig's run fields."""
+    hf_dir: str = ""  # HF directory: architecture, tokenizer and, without init_from, the weights
+    # A run's workdir (or its checkpoints/): its latest params are this run's initial policy and
+    # reference (stage 2 from stage 1, SPEC section 4). A run that has its own checkpoint
+    # resumes from that instead.
+    init_from: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSource:
+    """config.world: the embedded synthetic world (configs/demo.py)."""
+    dir: str = ""  # set: build (or reuse) the world there and point the empty paths at it
+    preset: str = "demo"  # a key of synthetic.build.PRESETS: the world's sizes and its base model
+    # None: the preset's, so an existing build is reused. Another seed draws another world,
+    # whose tokenizer, base model and index are then built anew (build.py's fingerprints).
+    seed: int | None = None
+
+    def __post_init__(self):
+        presets = sorted(synthetic_build.PRESETS)
+        if self.preset not in presets:
+            raise ValueError(f"config.world.preset must be one of {presets}, got {self.preset!r}")
+
+    def configs(self) -> tuple[WorldConfig, PretrainConfig]:
+        """The build's configs: the preset's, drawn from `seed` when one is given (the base
+        model's own pretraining seed stays the preset's)."""
+        world, pretrain = synthetic_build.PRESETS[self.preset]
+        if self.seed is not None:
+            world = dataclasses.replace(world, seed=self.seed)
+        return world, pretrain
 
 
 def defaults(cls) -> dict[str, Any]:
@@ -81,10 +118,24 @@ def reward_config(config) -> RewardConfig:
     return build(RewardConfig, config.reward, "reward")
 
 
+def world_source(config) -> WorldSource:
+    return build(WorldSource, config.get("world", {}), "world")
+
+
+def _check_model_keys(config) -> None:
+    valid = [f.name for f in dataclasses.fields(ModelSource)] + list(MODEL_RUN_FIELDS)
+    unknown = sorted(set(config.model) - set(valid))
+    if unknown:
+        raise ValueError(f"config.model: unknown key(s) {unknown}; valid keys: {valid}")
+
+
+def model_source(config) -> ModelSource:
+    _check_model_keys(config)
+    return ModelSource(**{f.name: config.model[f.name] for f in dataclasses.fields(ModelSource)
+                          if f.name in config.model})
+
+
 def model_overrides(config) -> dict[str, Any]:
     """The run fields of ModelConfig (the architecture comes from the checkpoint)."""
-    unknown = sorted(set(config.model) - set(MODEL_RUN_FIELDS) - {"hf_dir"})
-    if unknown:
-        raise ValueError(f"config.model: unknown key(s) {unknown}; valid keys: "
-                         f"{['hf_dir', *MODEL_RUN_FIELDS]}")
+    _check_model_keys(config)
     return {k: config.model[k] for k in MODEL_RUN_FIELDS if k in config.model}

@@ -5,10 +5,13 @@ One rollout step:
     -> rollout (sampler <-> retriever) -> rewards (host strings)
     -> [reference log-probs] -> train_step (pure, jitted, sharded) -> metrics, checkpoint.
 Everything a resumed run needs is in the checkpoint: the TrainState, the step
-and the data position; each step's PRNG key is fold_in(seed, step).
+and the data position; each step's PRNG key is fold_in(seed, step). A new run may start from
+another run's checkpoint (config.model.init_from: stage 2 from stage 1, SPEC section 4): its
+params only, as the initial policy and the reference; optimizer, schedule and data are new.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,7 +59,9 @@ class TrainConfig:
     eval_batch_size: int = 64
     save_every: int = 20  # rollout steps between checkpoints (and at the end)
     max_to_keep: int = 3
-    export_hf: bool = True  # write <workdir>/hf at the end: the next stage's model.hf_dir
+    # Write <workdir>/hf at the end, for serving and evaluation; the next stage starts from
+    # the checkpoints (its model.init_from is this workdir).
+    export_hf: bool = True
 
     def __post_init__(self):
         for name in ("prompts_per_step", "log_every", "eval_batch_size", "save_every",
@@ -71,14 +76,10 @@ def resolve_world(config):
     """When config.world.dir is set: build (or reuse) the embedded synthetic world there and
     point every empty path of the config (model, data, BM25 index) at it."""
     config = config.copy_and_resolve_references()
-    world = config.get("world", {})
-    if not world or not world.get("dir"):
+    world = run_config.world_source(config)
+    if not world.dir:
         return config
-    presets = synthetic_build.PRESETS
-    if world.preset not in presets:
-        raise ValueError(f"config.world.preset must be one of {sorted(presets)}, got {world.preset!r}")
-    paths = synthetic_build.build(epath.Path(world.dir), *presets[world.preset],
-                                  log=logging.info)
+    paths = synthetic_build.build(epath.Path(world.dir), *world.configs(), log=logging.info)
     with config.unlocked():
         config.model.hf_dir = config.model.hf_dir or str(paths.model_dir)
         config.data.train_file = config.data.train_file or str(paths.train_questions)
@@ -214,14 +215,28 @@ def run_eval(parts: Parts, config, graphdef, params, step: int,
 
 
 def train(config) -> dict[str, Any]:
-    """Runs (or resumes) the configured run; returns the last train and eval metrics."""
-    config = resolve_world(config)
+    """Runs (or resumes) the configured run; returns the last train and eval metrics.
+
+    A run whose workdir holds a checkpoint resumes from it. Otherwise, with
+    config.model.init_from, it starts from the params of that run's latest checkpoint.
+
+    Raises (among others):
+      FileNotFoundError: init_from does not exist or holds no checkpoint; before the world build.
+      ValueError: init_from holds another model's params (names the differing leaves);
+        before any rollout.
+    """
     train_cfg = run_config.build(TrainConfig, config.train, "train")
+    workdir = epath.Path(train_cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint_cfg = checkpoint_lib.CheckpointConfig(
+        directory=str(workdir / "checkpoints"), save_every=train_cfg.save_every,
+        max_to_keep=train_cfg.max_to_keep)
+    with checkpoint_lib.Checkpointer(checkpoint_cfg) as own:
+        init_from = _init_from(config, resuming=own.latest_step() is not None)
+    config = resolve_world(config)
     rollout_cfg = run_config.rollout_config(config)
     reward_cfg = run_config.reward_config(config)
     data = run_config.data_config(config)
-    workdir = epath.Path(train_cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     parts, params = build_parts(config)
     total = train_cfg.steps or max(1, len(parts.train_questions) // train_cfg.prompts_per_step)
     rl = run_config.rl_config(config, rollout_steps=total)
@@ -231,17 +246,24 @@ def train(config) -> dict[str, Any]:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
     graphdef = parts.graphdef
+    if init_from:
+        # The HF weights make way for the checkpoint's, laid out on the same shardings.
+        abstract = jax.tree.map(_abstract, params)
+        del params
+        with _naming(init_from):
+            params, step_dir = checkpoint_lib.restore_params(init_from, abstract)
+        logging.info("started from step %s of %s (config.model.init_from): the initial policy "
+                     "and the reference", step_dir.name, step_dir.parent)
     state = train_step_lib.make_init_fn(rl, params, parts.mesh)(params)
     train_step = train_step_lib.make_train_step(graphdef, state, rl, parts.mesh)
-    # The reference policy is the run's initial policy (init copied it into the state); with
-    # kl_coef 0 it is never needed, and dropping it frees its memory.
+    # The reference policy is the run's initial policy (init copied it into the state): the
+    # previous stage's final one with init_from. With kl_coef 0 it is never needed, and
+    # dropping it frees its memory.
     reference = params if rl.uses_reference else None
     logprob_fn = (train_step_lib.make_logprob_fn(graphdef, rl, params, parts.mesh)
                   if rl.uses_reference else None)
     del params
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_lib.CheckpointConfig(
-        directory=str(workdir / "checkpoints"), save_every=train_cfg.save_every,
-        max_to_keep=train_cfg.max_to_keep))
+    checkpointer = checkpoint_lib.Checkpointer(checkpoint_cfg)
     start, position = 0, 0
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(None, jax.tree.map(_abstract, state))
@@ -298,9 +320,33 @@ def train(config) -> dict[str, Any]:
                               eos_ids=parts.eos_ids)
         if jax.process_index() == 0:
             parts.tokenizer.save_pretrained(str(workdir / "hf"))
-        logging.info("exported the policy to %s (the next stage's model.hf_dir)", workdir / "hf")
+        logging.info("exported the policy to %s (for serving and evaluation)", workdir / "hf")
     checkpointer.close()
     return last
+
+
+def _init_from(config, resuming: bool) -> str:
+    """config.model.init_from when this run starts from it ("" otherwise), checked to hold a
+    checkpoint before anything is built: a run's own checkpoint wins (a preempted stage 2
+    resumes where it stopped, not from stage 1 again)."""
+    init_from = run_config.model_source(config).init_from
+    if init_from and resuming:
+        logging.info("config.model.init_from=%s is not used: the run resumes from its own "
+                     "checkpoint", init_from)
+        return ""
+    if init_from:
+        with _naming(init_from):
+            checkpoint_lib.latest_checkpoint(init_from)
+    return init_from
+
+
+@contextlib.contextmanager
+def _naming(init_from: str):
+    """Errors about init_from's checkpoint say which config key they come from."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, checkpoint_lib.CheckpointDamagedError) as error:
+        raise type(error)(f"config.model.init_from={init_from}: {error}") from error
 
 
 class _StopSignal:

@@ -14,6 +14,7 @@ from searcher_jax.checkpoint import (
     CheckpointDamagedError,
     Checkpointer,
     abstract_train_state,
+    restore_params,
 )
 from searcher_jax.model import sharding
 from searcher_jax.model.config import ModelConfig
@@ -163,6 +164,54 @@ def test_damaged_checkpoint(tmp_path, state, abstract, damage):
     with (Checkpointer(CheckpointConfig(str(tmp_path), save_every=1)) as checkpointer,
           pytest.raises(CheckpointDamagedError, match=re.escape(f"checkpoint {tmp_path / '1'} is damaged"))):
         checkpointer.restore(None, abstract)
+
+
+def test_restore_params_reads_the_latest_params_onto_any_mesh(tmp_path, state, abstract, mesh):
+    """A stage's hand-off: the params of the previous run's latest step, whatever its optimizer
+    state (here another optimizer's tree, which a full restore would refuse)."""
+    later = _state(abstract, 1)
+    checkpoints = tmp_path / "stage1" / "checkpoints"
+    with Checkpointer(CheckpointConfig(str(checkpoints), save_every=1)) as checkpointer:
+        checkpointer.save(1, state, META)
+        checkpointer.save(2, dataclasses.replace(later, opt_state={"other": later.step}), META)
+    one_device = sharding.make_mesh({}, devices=jax.devices()[:1])
+    for directory, target_mesh in ((tmp_path / "stage1", mesh), (checkpoints, one_device)):
+        target = abstract_train_state(abstract.params, RL, target_mesh).params
+        params, step_dir = restore_params(str(directory), target)
+        assert step_dir == checkpoints / "2"
+        assert type(params) is type(later.params)
+        _assert_same(params, later.params)
+        for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(target)):
+            assert got.sharding == want.sharding
+
+
+@pytest.mark.parametrize("change, leaf", [
+    ({"hidden_size": 32},
+     r"params/embed/value: saved float32\[64, 16\], expected float32\[64, 32\]"),
+    ({"num_layers": 3}, r"params/layers/2/.*not in the checkpoint"),
+    # Fewer layers than saved: a partial restore alone would silently leave layer 1 unread.
+    ({"num_layers": 1}, r"params/layers/1/.*saved float32\[.*\], not in the state"),
+])
+def test_restore_params_of_another_model_names_the_leaves(tmp_path, state, mesh, change, leaf):
+    with Checkpointer(CheckpointConfig(str(tmp_path), save_every=1)) as checkpointer:
+        checkpointer.save(3, state, META)
+    other = _abstract(dataclasses.replace(MODEL, **change), mesh).params
+    with pytest.raises(ValueError, match="params of another model") as error:
+        restore_params(str(tmp_path), other)
+    message = str(error.value)
+    assert str(tmp_path / "3") in message and "opt_state" not in message
+    assert re.search(leaf, message)
+
+
+def test_restore_params_without_a_checkpoint(tmp_path, abstract):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        restore_params(str(missing), abstract.params)
+    assert not missing.exists()  # Nothing is created at a mistyped path.
+    checkpoints = tmp_path / "empty" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint in {re.escape(str(checkpoints))}"):
+        restore_params(str(tmp_path / "empty"), abstract.params)
 
 
 def test_config_is_checked():

@@ -1,7 +1,11 @@
-"""The RL loop end to end on the world's tiny model: metrics, checkpoints, resume, export."""
+"""The RL loop end to end on the world's tiny model: metrics, checkpoints, resume, export,
+and the hand-off from one stage to the next."""
+import dataclasses
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,9 +15,14 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from searcher_jax import checkpoint as checkpoint_lib
 from searcher_jax import run_config, trainer
 from searcher_jax.model import hf_io
+from searcher_jax.model.decoder import Decoder
+from searcher_jax.rl.config import RLConfig
+from searcher_jax.rl.train_step import init_train_state
 from tests.conftest import REPO_ROOT
 
 
@@ -106,6 +115,103 @@ def test_a_resumed_run_equals_the_uninterrupted_run(first_run, world_model_dir, 
     for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(state)),
                           jax.tree.leaves(state_again)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def _no_rollouts(monkeypatch):
+    """Makes any rollout (training or evaluation) fail the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a rollout ran before the init_from check")
+    monkeypatch.setattr(trainer, "rollout", refuse)
+    monkeypatch.setattr(trainer.evaluation, "rollout", refuse)
+
+
+def test_stage_2_starts_from_stage_1s_checkpoint_as_policy_and_reference(
+        first_run, world_model_dir, tmp_path, caplog):
+    """SPEC section 4: stage 2's initial policy and reference are stage 1's final policy, read
+    from stage 1's Orbax checkpoints (DESIGN.md point 8), so its first mini-batch has KL 0 to
+    the reference and clips nothing."""
+    stage1, _ = first_run
+    config = tiny_run(world_model_dir, tmp_path, steps=1)
+    config.model.init_from = str(stage1)
+    # KL 1e-4 loads a reference. One mini-batch of all 8 rows: the step's metrics are its first
+    # mini-batch's. Learning rate 0: the params saved at step 1 are those the run started from.
+    config.rl.update(kl_coef=1e-4, mini_batch_size=8, learning_rate=0.0)
+    config.train.export_hf = False
+    with caplog.at_level(logging.INFO):
+        result = trainer.train(config)
+    assert f"started from step {STEPS} of {stage1 / 'checkpoints'}" in caplog.text
+    train = result["train"]
+    assert train["optimizer_steps"] == 1 and train["skipped_steps"] == 0
+    assert train["ref_kl_mean"] == 0.0 and train["approx_kl"] == 0.0 and train["clip_frac"] == 0.0
+    (start, meta), (final, _) = _saved(tmp_path, 1), _saved(stage1, STEPS)
+    for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(start["params"])),
+                          jax.tree.leaves(final["params"])):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+    # A new run: its own optimizer step count and data position, not stage 1's.
+    assert int(start["step"]) == 1 and meta["data_position"] == 2
+    # Its greedy evaluation before training is stage 1's final one.
+    records = read_metrics(tmp_path)
+    assert [(r["kind"], r["step"]) for r in records] == [("eval", 0), ("train", 1), ("eval", 1)]
+    stage1_final_eval = read_metrics(stage1)[-1]
+    assert stage1_final_eval["step"] == STEPS and records[0] == {**stage1_final_eval, "step": 0}
+
+
+def test_init_from_another_architecture_fails_before_any_rollout(
+        world_model_dir, world_paths, tmp_path, monkeypatch):
+    other = tmp_path / "other_stage"
+    model_config = dataclasses.replace(
+        hf_io.load_config(world_paths.model_dir, dtype="float32", scan_layers=False, remat=False),
+        num_layers=1, intermediate_size=256)
+    params = nnx.split(Decoder(model_config, rngs=nnx.Rngs(0)))[1]
+    rl = RLConfig(samples_per_prompt=4, mini_batch_size=4, micro_batch_size=4, total_steps=1)
+    with checkpoint_lib.Checkpointer(checkpoint_lib.CheckpointConfig(
+            str(other / "checkpoints"), save_every=1)) as checkpointer:
+        checkpointer.save(5, init_train_state(params, rl), {"step": 5, "data_position": 10})
+    _no_rollouts(monkeypatch)
+    config = tiny_run(world_model_dir, tmp_path / "run", steps=1)
+    config.model.init_from = str(other)
+    with pytest.raises(ValueError,
+                       match=r"config.model.init_from=.*params of another model") as error:
+        trainer.train(config)
+    message = str(error.value)
+    assert str(other / "checkpoints" / "5") in message
+    assert re.search(r"layers/0/mlp/\w+/\w+: saved float32\[.*256.*\], expected float32\[.*384.*\]",
+                     message)
+    assert re.search(r"layers/1/.*not in the checkpoint", message)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_init_from_without_a_checkpoint_fails_before_the_world_build(
+        world_model_dir, tmp_path, monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the world was built before the init_from check")
+    monkeypatch.setattr(trainer.synthetic_build, "build", no_build)
+    empty = tmp_path / "empty_stage"
+    empty.mkdir()
+    for init_from, reason in ((empty, "no checkpoint in"), (tmp_path / "typo", "no such directory")):
+        config = tiny_run(world_model_dir, tmp_path / "run", steps=1)
+        config.model.init_from = str(init_from)
+        with pytest.raises(FileNotFoundError, match=f"config.model.init_from="
+                                                    f"{re.escape(str(init_from))}: .*{reason}"):
+            trainer.train(config)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_run_with_its_own_checkpoint_resumes_and_ignores_init_from(
+        first_run, world_model_dir, tmp_path, caplog):
+    """A preempted stage 2 resumes where it stopped, not from stage 1 again: with its own
+    checkpoint, init_from (here a path that would fail) is not read."""
+    workdir, _ = first_run
+    shutil.copytree(workdir / "checkpoints" / str(STEPS),
+                    tmp_path / "checkpoints" / str(STEPS))
+    config = tiny_run(world_model_dir, tmp_path, steps=STEPS)
+    config.model.init_from = str(tmp_path / "no_such_stage")
+    config.train.export_hf = False
+    with caplog.at_level(logging.INFO):
+        result = trainer.train(config)
+    assert "is not used: the run resumes from its own checkpoint" in caplog.text
+    assert f"at step {STEPS} (data position {STEPS * 2})" in caplog.text
+    assert result == {"train": {}, "eval": {}}  # nothing left to do after step 3 of 3
 
 
 def test_rows_that_do_not_split_fail_before_any_rollout(world_model_dir, tmp_path):

@@ -284,7 +284,7 @@ def save_pretrained(model: Decoder, directory, *, max_shard_bytes: int = MAX_SHA
     """Writes config.json and safetensors shards that transformers' from_pretrained loads.
 
     eos_ids, when given, go to generation_config.json, so an exported policy
-    (the next stage's model.hf_dir) keeps every end-of-sequence id of the model
+    (for serving, evaluation or another run's model.hf_dir) keeps every end-of-sequence id of the model
     it was trained from, not only config.json's.
     """
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
