@@ -9,6 +9,7 @@ for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applie
 arrive together are answered by one search call. Bad requests get a 4xx with a message. No
 answer holds a bare NaN or Infinity, which strict JSON parsers reject: a non-finite score is a 500.
 """
+import collections
 import dataclasses
 import json
 import queue
@@ -83,15 +84,21 @@ class BatchingSearcher:
             self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
-        try:
-            hits = self._retriever.search_hits([q for p in batch for q in p.queries], max(p.k for p in batch))
-            start = 0
-            for p in batch:
-                p.hits = [h[:p.k] for h in hits[start:start + len(p.queries)]]
-                start += len(p.queries)
-        except Exception as e:  # reported to each waiting request as a 500
-            for p in batch:
-                p.error = e
+        # One search per k in the batch (trainers all ask for the same k): a request whose k
+        # the index cannot serve fails alone, never the other clients' requests beside it.
+        by_k = collections.defaultdict(list)
+        for p in batch:
+            by_k[p.k].append(p)
+        for k, group in by_k.items():
+            try:
+                hits = self._retriever.search_hits([q for p in group for q in p.queries], k)
+                start = 0
+                for p in group:
+                    p.hits = hits[start:start + len(p.queries)]
+                    start += len(p.queries)
+            except Exception as e:  # reported to each waiting request of this k as a 500
+                for p in group:
+                    p.error = e
         for p in batch:
             p.done.set()
 

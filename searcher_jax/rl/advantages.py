@@ -48,9 +48,9 @@ def _groups(rewards, n: int):
 
 def _equal_up_to_rounding(high, low, magnitude):
     """Bool array: whether sets with these maxima, minima and max |value| (arrays of one shape)
-    are equal up to rounding (TIE_RTOL). A NaN makes a set unequal, so it still reaches the loss
-    and the step is skipped as non-finite."""
-    return high - low <= TIE_RTOL * magnitude
+    are equal up to rounding (TIE_RTOL). A NaN or an infinity makes a set unequal, so it still
+    reaches the loss and the step is skipped as non-finite."""
+    return (high - low <= TIE_RTOL * magnitude) & jnp.isfinite(magnitude)
 
 
 def _shifted_groups(rewards, n: int):

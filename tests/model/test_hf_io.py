@@ -200,3 +200,16 @@ def test_eos_ids_of_the_released_instruct_models(reference_dir, tmp_path):
     assert hf_io.eos_token_ids(qwen, hf_io.load_tokenizer(qwen)) == (151645, 151643)
     llama = reference_dir / "hf_configs" / "Llama-3.1-8B-Instruct"
     assert hf_io.eos_token_ids(llama) == (128001, 128008, 128009)
+
+
+def test_an_export_keeps_every_eos_id(hf_models, tmp_path):
+    """The exported policy ends rows where its base model did, and transformers reads the
+    same set from the generation config it writes."""
+    import transformers
+    directory, _ = hf_models["qwen2"]
+    hf_io.save_pretrained(hf_io.load_pretrained(directory), tmp_path, eos_ids=(5, 3, 9))
+    config_eos = json.loads((tmp_path / "config.json").read_text()).get("eos_token_id")
+    config_eos = [] if config_eos is None else np.atleast_1d(config_eos).tolist()
+    assert hf_io.eos_token_ids(tmp_path) == tuple(dict.fromkeys([*config_eos, 5, 3, 9]))
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert list(generation.eos_token_id) == [5, 3, 9]

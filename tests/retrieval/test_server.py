@@ -211,43 +211,63 @@ def test_client_rejects_an_answer_with_a_bare_nan():
 class _GatedRetriever:
     """Blocks its first call until released, so the test controls what queues up behind it."""
 
-    def __init__(self):
+    def __init__(self, max_k=None):
         self.release = threading.Event()
         self.batches = []
+        self.max_k = max_k
 
     def search_hits(self, queries, k):
-        self.batches.append(list(queries))
+        self.batches.append((list(queries), k))
         self.release.wait(timeout=30)
+        if self.max_k is not None and k > self.max_k:
+            raise RuntimeError(f"this index serves k <= {self.max_k}, not {k}")
         return [[Hit(i, Passage(str(i), q, " t", "hotpot_abstract"), 1.0) for i in range(k)] for q in queries]
 
 
-def test_concurrent_requests_share_one_search_call():
+def _queue_behind_a_blocked_search(retriever, server, ks):
+    """Posts one request, waits until its search blocks, queues one request per k in ks behind
+    it, then releases: -> {name: (status, body)} with names q0, q1, ..."""
+    results = {}
+
+    def ask(name, k):
+        results[name] = _post(server.url, "/queries", {"queries": [name, name + "2"], "k": k})
+
+    threads = [threading.Thread(target=ask, args=("first", 1))]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while not retriever.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threads += [threading.Thread(target=ask, args=(f"q{i}", k)) for i, k in enumerate(ks)]
+    for t in threads[1:]:
+        t.start()
+    while server.searcher._queue.qsize() < len(ks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    retriever.release.set()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+def test_concurrent_requests_of_one_k_share_one_search_call():
     retriever = _GatedRetriever()
+    ks = [1 + i % 2 for i in range(5)]
     with RetrievalServer(retriever, port=0) as server:
-        results = {}
-
-        def ask(name, k):
-            results[name] = _post(server.url, "/queries", {"queries": [name, name + "2"], "k": k})
-
-        threads = [threading.Thread(target=ask, args=("first", 1))]
-        threads[0].start()
-        deadline = time.monotonic() + 30
-        while not retriever.batches and time.monotonic() < deadline:
-            time.sleep(0.01)
-        threads += [threading.Thread(target=ask, args=(f"q{i}", 1 + i % 3)) for i in range(5)]
-        for t in threads[1:]:
-            t.start()
-        while server.searcher._queue.qsize() < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        retriever.release.set()
-        for t in threads:
-            t.join(timeout=30)
-    assert len(retriever.batches) == 2 and len(retriever.batches[1]) == 10
-    for i in range(5):
+        results = _queue_behind_a_blocked_search(retriever, server, ks)
+    # Behind the first call: one call for the three k=1 requests, one for the two k=2 ones.
+    assert sorted((k, len(queries)) for queries, k in retriever.batches[1:]) == [(1, 6), (2, 4)]
+    for i, k in enumerate(ks):
         status, data = results[f"q{i}"]
         assert status == 200 and data["queries"] == [f"q{i}", f"q{i}2"]
-        assert [len(a) for a in data["answers"]] == [1 + i % 3] * 2  # each request gets its own k
+        assert [len(a) for a in data["answers"]] == [k] * 2  # each request gets its own k
         assert data["answers"][0][0] == f"0\tTitle: q{i} Text:  t"
+
+
+def test_a_k_the_index_cannot_serve_fails_only_its_own_request():
+    retriever = _GatedRetriever(max_k=2)
+    with RetrievalServer(retriever, port=0) as server:
+        results = _queue_behind_a_blocked_search(retriever, server, [3, 1, 2])
+    assert results["q0"][0] == 500 and "serves k <= 2" in json.dumps(results["q0"][1])
+    assert [results[name][0] for name in ("q1", "q2")] == [200, 200]
 
 
 def test_serve_retriever_cli(tmp_path, reference_dir):

@@ -236,3 +236,13 @@ def test_kl_estimators():
     assert np.isfinite(np.asarray(far)).all()
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl.token_kl(logp, ref, "k4")
+
+
+def test_an_infinite_value_is_not_a_tie():
+    """inf - inf is NaN and inf <= inf holds: an infinite return must reach the loss (and the
+    step be skipped as non-finite), not pass for a tie that whitens to 0."""
+    mask = np.ones((2, 4), np.float32)
+    x = np.array([[1, 2, 3, np.inf], [0, 1, 2, 3]], np.float32)
+    assert not np.isfinite(np.asarray(advantages.whiten(x, mask))).all()
+    shaped = advantages.group_normalize(jnp.array([np.inf, np.inf, 1.0, 2.0], jnp.float32), 2)
+    assert not np.isfinite(np.asarray(shaped[:2])).all()

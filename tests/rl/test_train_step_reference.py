@@ -107,7 +107,7 @@ def _reference_run(graphdef, params, tokens, mask, rewards, ref_logp, config: RL
     return theta, norms
 
 
-@pytest.mark.parametrize("estimator", ["reinforce_baseline", "reinforce_pp", "grpo"])
+@pytest.mark.parametrize("estimator", ["reinforce_baseline", "reinforce_pp", "grpo", "rloo"])
 def test_two_optimizer_steps_match_the_independent_reference(model, estimator):
     graphdef, params = model
     config = dataclasses.replace(CONFIG, estimator=estimator)
