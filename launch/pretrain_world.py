@@ -22,6 +22,7 @@ from searcher_jax.data import prompts  # pylint: disable=wrong-import-position
 from searcher_jax.model import hf_io  # pylint: disable=wrong-import-position
 from searcher_jax.synthetic import build  # pylint: disable=wrong-import-position
 from searcher_jax.synthetic import probe  # pylint: disable=wrong-import-position
+from searcher_jax.synthetic import reading  # pylint: disable=wrong-import-position
 from searcher_jax.synthetic import world_files  # pylint: disable=wrong-import-position
 
 
@@ -60,6 +61,14 @@ def main() -> None:
                                        eos_ids=hf_io.eos_token_ids(paths.model_dir, tokenizer))
         print(f"probe: {rate:.0%} of {len(prompt_texts)} samples write a well-formed query "
               f"({time.time() - start:.1f}s); first sample:\n{texts[0]}")
+        # Reading: can it copy an answer out of oracle documents, on unseen entities?
+        eval_questions = reading.world_questions(world_config)[1][:args.probe]
+        documents = reading.OracleDocuments(world_files.read_jsonl(paths.corpus))
+        eos_ids = hf_io.eos_token_ids(paths.model_dir, tokenizer)
+        read, _ = reading.reading_f1(model, tokenizer, eval_questions, documents, eos_ids)
+        closed, _ = reading.closed_book_f1(model, tokenizer, eval_questions, eos_ids)
+        print(f"reading F1 (oracle documents) {read:.3f}, closed-book F1 {closed:.3f}, "
+              f"on {len(eval_questions)} unseen evaluation questions")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_sigterm_to_one_process_stops_both_on_the_same_step_and_a_rerun_resumes(
         world_model_dir, tmp_path):
     """A preemption notice that reaches one host only: both processes agree at the top of
     the next step, save that step and exit 0 (no host left waiting in a collective)."""
-    steps, workdir = 6, tmp_path / "run"
+    steps, workdir = 4, tmp_path / "run"
     args = _args(world_model_dir, workdir, steps=steps)
     processes = _start_two_processes(args)
     deadline = time.time() + 300
