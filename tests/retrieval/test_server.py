@@ -1,5 +1,7 @@
 """The HTTP server: both clients' request formats, 4xx answers, batching, and the client backend."""
+import contextlib
 import http.client
+import http.server
 import json
 import math
 import os
@@ -27,6 +29,17 @@ QUERIES = ["Irish Home Rule movement party campaigned", "Mad City 1997 film dire
 
 def _reject_constant(name):
     raise ValueError(f"the body holds a bare {name}, which strict JSON parsers reject")
+
+
+@contextlib.contextmanager
+def _serving(handler):
+    """A stand-in HTTP server on loopback with the given handler class; yields its URL."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 def _post(url, path, payload, raw=None):
@@ -184,7 +197,6 @@ def test_server_never_writes_a_non_finite_number(score):
 
 
 def test_client_rejects_an_answer_with_a_bare_nan():
-    import http.server
 
     class NanServer(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server API
@@ -198,14 +210,10 @@ def test_client_rejects_an_answer_with_a_bare_nan():
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), NanServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = HttpRetriever(f"http://127.0.0.1:{server.server_port}", api="searchr1", retries=0)
+    with _serving(NanServer) as url:
+        client = HttpRetriever(url, api="searchr1", retries=0)
         with pytest.raises(RetrievalServerError, match="invalid JSON: NaN is not a JSON number"):
             client.search(["q"], 1)
-    finally:
-        server.shutdown()
 
 
 class _GatedRetriever:
@@ -292,7 +300,6 @@ def test_serve_retriever_cli(tmp_path, reference_dir):
 
 def test_client_retries_transient_failures_but_not_bad_requests():
     """A 503 or a dropped connection is retried with backoff; a 400 fails at once."""
-    import http.server
 
     replies = [503, 200]
     seen = []
@@ -311,18 +318,13 @@ def test_client_retries_transient_failures_but_not_bad_requests():
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = HttpRetriever(f"http://127.0.0.1:{server.server_port}", retries=2, backoff_s=0.01)
+    with _serving(Flaky) as url:
+        client = HttpRetriever(url, retries=2, backoff_s=0.01)
         assert client.search(["q"], 1)[0][0].render() == "Title: A Text: b"
         assert len(seen) == 2
         with pytest.raises(RetrievalServerError, match="answered 400"):
             client.search(["q"], 1)
         assert len(seen) == 3  # no retry of a 4xx
-    finally:
-        server.shutdown()
-    unreachable = HttpRetriever(f"http://127.0.0.1:{server.server_port}", retries=1,
-                                backoff_s=0.01, timeout_s=1)
+    unreachable = HttpRetriever(url, retries=1, backoff_s=0.01, timeout_s=1)
     with pytest.raises(RetrievalServerError, match="after 1 retries"):
         unreachable.search(["q"], 1)
