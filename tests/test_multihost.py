@@ -19,12 +19,12 @@ from tests.conftest import REPO_ROOT
 TIMING = ("rollout_s", "train_s")
 
 
-def _args(world_dir, workdir, steps=2):
+def _args(world_dir, workdir, steps=2, eval_questions=4):
     return [str(REPO_ROOT / "launch" / "tpu_pod.py"), f"--config.world.dir={world_dir}",
             f"--config.train.workdir={workdir}", f"--config.train.steps={steps}",
             "--config.train.prompts_per_step=2", "--config.rl.samples_per_prompt=4",
             "--config.rl.mini_batch_size=8", "--config.rl.micro_batch_size=8",
-            "--config.train.eval_questions=4", "--config.train.eval_batch_size=4",
+            f"--config.train.eval_questions={eval_questions}", "--config.train.eval_batch_size=4",
             "--config.sampler.max_len=512", "--config.sampler.segment_len=64",
             "--config.rollout.max_retrievals=1", "--config.eval_rollout.max_retrievals=1",
             "--config.mesh.data=2", "--config.mesh.fsdp=2"]
@@ -111,7 +111,7 @@ def test_sigterm_to_one_process_stops_both_on_the_same_step_and_a_rerun_resumes(
     """A preemption notice that reaches one host only: both processes agree at the top of
     the next step, save that step and exit 0 (no host left waiting in a collective)."""
     steps, workdir = 4, tmp_path / "run"
-    args = _args(world_model_dir, workdir, steps=steps)
+    args = _args(world_model_dir, workdir, steps=steps, eval_questions=0)  # no eval compiles
     processes = _start_two_processes(args)
     deadline = time.time() + 300
     metrics = workdir / "metrics.jsonl"
