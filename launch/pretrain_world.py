@@ -56,15 +56,15 @@ def main() -> None:
         tokenizer = hf_io.load_tokenizer(paths.model_dir)
         questions = world_files.read_jsonl(paths.eval_questions)[:args.probe]
         prompt_texts = [prompts.base_prompt(row["question"]) for row in questions]
+        eos_ids = hf_io.eos_token_ids(paths.model_dir, tokenizer)
         start = time.time()
         rate, texts = probe.query_rate(model, tokenizer, prompt_texts, max_new_tokens=96, seed=0,
-                                       eos_ids=hf_io.eos_token_ids(paths.model_dir, tokenizer))
+                                       eos_ids=eos_ids)
         print(f"probe: {rate:.0%} of {len(prompt_texts)} samples write a well-formed query "
               f"({time.time() - start:.1f}s); first sample:\n{texts[0]}")
         # Reading: can it copy an answer out of oracle documents, on unseen entities?
         eval_questions = reading.world_questions(world_config)[1][:args.probe]
         documents = reading.OracleDocuments(world_files.read_jsonl(paths.corpus))
-        eos_ids = hf_io.eos_token_ids(paths.model_dir, tokenizer)
         read, _ = reading.reading_f1(model, tokenizer, eval_questions, documents, eos_ids)
         closed, _ = reading.closed_book_f1(model, tokenizer, eval_questions, eos_ids)
         print(f"reading F1 (oracle documents) {read:.3f}, closed-book F1 {closed:.3f}, "

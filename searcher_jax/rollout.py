@@ -200,7 +200,7 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
             break
 
         found = retriever.search([query for _, query, _ in searches], config.top_k)
-        room = sampler.config.max_len - _fetch(state.cursor)
+        room = sampler.config.max_len - segment.cursor  # finish() moves no cursor
         inserts, overflowing = [[] for _ in range(batch)], []
         for (b, query, overshoot), passages in zip(searches, found):
             text, fitted = insert_text(documents_block(passages), overshoot)

@@ -25,21 +25,18 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-import jax
-
 from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY, base_prompt, documents_block
 from searcher_jax.model.decoder import Decoder
 from searcher_jax.rl import metrics
-from searcher_jax.sampling import select
-from searcher_jax.sampling.sampler import Sampler, SamplerConfig
+from searcher_jax.rollout import ANSWER_END
 from searcher_jax.synthetic import keyword_search
 from searcher_jax.synthetic import passages as passages_lib
+from searcher_jax.synthetic import probe
 from searcher_jax.synthetic import questions as questions_lib
 from searcher_jax.synthetic import templates
 from searcher_jax.synthetic import world as world_lib
 from searcher_jax.synthetic import world_files
 
-ANSWER_END = "</answer>"
 # The demonstrations' no-search opening, up to where the answer goes (templates.NO_SEARCH[0]).
 CLOSED_BOOK = templates.NO_SEARCH[0].split("{answer}")[0].rstrip()
 
@@ -119,30 +116,15 @@ def closed_book_prefix(question: questions_lib.Question) -> str:
 def greedy_continuations(model: Decoder, tokenizer, prefixes: Sequence[str],
                          eos_ids: Sequence[int], max_new_tokens: int = 64,
                          batch_size: int = 32) -> list[str]:
-    """Each prefix's greedy continuation (the real sampler), cut after `</answer>`."""
-    all_ids = [tokenizer(p)["input_ids"] for p in prefixes]
-    if not all_ids:
-        return []
-    batch_size = min(batch_size, len(all_ids))
-    # One sampler (one set of compiled programs) for every batch.
-    config = SamplerConfig(max_len=max(map(len, all_ids)) + max_new_tokens,
-                           segment_len=max_new_tokens, select=select.SelectConfig(greedy=True))
-    sampler = Sampler(model, config)
-    ends = set(eos_ids)
+    """Each prefix's greedy continuation (the real sampler, via probe.sample), cut after
+    `</answer>`."""
+    ids = [tokenizer(p)["input_ids"] for p in prefixes]
     out = []
-    for start in range(0, len(all_ids), batch_size):
-        ids = all_ids[start:start + batch_size]
-        rows = len(ids)
-        ids = ids + [ids[-1]] * (batch_size - rows)   # a fixed batch: no new compile
-        state = sampler.extend(sampler.init(batch_size, list(eos_ids), jax.random.key(0)), ids)
-        state, segment = sampler.decode(state)
-        new = sampler.new_tokens(state, segment, range(rows))
-        for row in range(rows):
-            tokens = new[row][0].tolist()
-            tokens = next((tokens[:i] for i, t in enumerate(tokens) if t in ends), tokens)
-            text = tokenizer.decode(tokens)
-            cut = text.find(ANSWER_END)
-            out.append(text if cut < 0 else text[:cut + len(ANSWER_END)])
+    for tokens in probe.sample(model, ids, max_new_tokens, seed=0, eos_ids=eos_ids, greedy=True,
+                               batch_size=batch_size):
+        text = tokenizer.decode(tokens)
+        cut = text.find(ANSWER_END)
+        out.append(text if cut < 0 else text[:cut + len(ANSWER_END)])
     return out
 
 
