@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1.0",
     "numpy>=1.26",
     "tqdm>=4.66",
+    # The demo's plots (searcher_jax/run_report.py: training curves, the policy comparison).
+    "matplotlib>=3.8",
+    # TensorBoard event files of a run's metrics, without TensorFlow.
+    "tensorboardX>=2.6",
     "etils[epath]>=1.7.0",
 ]
 

@@ -4,9 +4,11 @@
 
 Builds (or reuses) the synthetic world in runs/world: a made-up Wikipedia, its
 questions, a BM25 index and a tiny base model pretrained on imperfect search-format
-demonstrations. Then runs the stage-2 recipe (F1 reward, -2 format penalty,
-reinforce_baseline) on it, sized for 2 CPU cores: the reward, the share of well-formed
-responses and the greedy evaluation's F1 go up within minutes.
+demonstrations. Then runs the paper's two stages on it (searcher_jax/two_stage.py),
+sized for 2 CPU cores: stage 1 (retrieval + format reward) for a few steps, stage 2
+(F1 reward, -2 format penalty, reinforce_baseline) from stage 1's Orbax checkpoint,
+and evaluates four policies on held-out questions (naive, standard RAG, the base model
+searching, the trained policy): runs/demo/results.md and the plots beside it.
 """
 from configs import base
 
@@ -21,6 +23,7 @@ def get_config():
     config.eval_rollout.update(max_retrievals=4)
     config.rl.update(samples_per_prompt=8, mini_batch_size=32, micro_batch_size=16,
                      learning_rate=1e-4, logprob_chunk=128)
+    config.stages = dict(stage1_steps=5, stage1_reward="retrieval_format", compare=True)
     config.train.update(workdir="runs/demo", steps=20, prompts_per_step=8, eval_every=10,
                         eval_questions=64, eval_batch_size=32, save_every=10)
     return config

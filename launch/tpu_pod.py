@@ -10,6 +10,9 @@ On a multi-host TPU pod run the same command with --distributed on every host
 the other hosts from the TPU environment; elsewhere give --coordinator_address,
 --num_processes and --process_id. Paths may be gs://. A run resumes from its workdir's
 latest checkpoint.
+
+It shows a progress bar and a line per evaluation on stdout, and logs warnings only;
+--verbosity=0 logs at INFO (every step's metrics, checkpoints, compiles), --verbosity=1 DEBUG.
 """
 import logging
 
@@ -25,6 +28,7 @@ flags.DEFINE_integer("process_id", None, "multi-host off TPU: this process's ind
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.quiet_logging()
     import jax  # pylint: disable=import-outside-toplevel
     if flags.FLAGS.distributed:
         if jax.config.jax_platforms == "cpu":  # CPU processes exchange arrays through gloo
@@ -32,11 +36,21 @@ def main(argv):
         jax.distributed.initialize(coordinator_address=flags.FLAGS.coordinator_address,
                                    num_processes=flags.FLAGS.num_processes,
                                    process_id=flags.FLAGS.process_id)
-    from searcher_jax import trainer  # pylint: disable=import-outside-toplevel
-    logging.getLogger().setLevel(logging.INFO)
+    from searcher_jax import trainer, two_stage  # pylint: disable=import-outside-toplevel
     logging.info("devices: %s", jax.devices())
-    result = trainer.train(flags.FLAGS.config)
-    logging.info("done: eval %s", result["eval"])
+    config = flags.FLAGS.config
+    if "stages" in config:   # configs/demo.py: both stages, then the policy comparison
+        table = two_stage.run(config)
+        print(f"done: {config.train.workdir} (results.md, training.png, policies.png)")
+        for name, groups in table.items():
+            summary = groups["all"]
+            print(f"  {name:<20} F1 {summary['f1']:.3f}  retrievals/question "
+                  f"{summary['queries_per_question']:.2f}", flush=True)
+        return
+    result = trainer.train(config)
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in result["eval"].items())
+    # Printed, not logged: the last thing a user sees, whatever the verbosity.
+    print(f"done: {config.train.workdir}; eval {shown or 'not run'}", flush=True)
 
 
 if __name__ == "__main__":

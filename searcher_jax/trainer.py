@@ -16,12 +16,14 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 from etils import epath
 from flax import nnx
 
@@ -62,6 +64,9 @@ class TrainConfig:
     # Write <workdir>/hf at the end, for serving and evaluation; the next stage starts from
     # the checkpoints (its model.init_from is this workdir).
     export_hf: bool = True
+    # A progress bar on stdout (process 0), with reward, F1 and queries per row, and a line per
+    # evaluation; the per-step log line stays at INFO, which the launchers hide by default.
+    progress: bool = True
 
     def __post_init__(self):
         for name in ("prompts_per_step", "log_every", "eval_batch_size", "save_every",
@@ -79,7 +84,7 @@ def resolve_world(config):
     world = run_config.world_source(config)
     if not world.dir:
         return config
-    paths = synthetic_build.build(epath.Path(world.dir), *world.configs(), log=logging.info)
+    paths = synthetic_build.build(epath.Path(world.dir), *world.configs(), log=_print_once)
     with config.unlocked():
         config.model.hf_dir = config.model.hf_dir or str(paths.model_dir)
         config.data.train_file = config.data.train_file or str(paths.train_questions)
@@ -88,6 +93,12 @@ def resolve_world(config):
             config.retriever.backend = "bm25"
             config.retriever.index_dir = str(paths.index_dir)
     return config
+
+
+def _print_once(message: str) -> None:
+    """On stdout from process 0: a world build takes minutes, and logs show warnings only."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,19 +192,76 @@ def score(trajectories: Trajectories, questions: list[Question],
 
 
 class MetricsWriter:
-    """One JSON line per record in <workdir>/metrics.jsonl (process 0 only), and a log line."""
+    """Where a run's metrics go: what it leaves in its workdir and what a user sees while it runs.
 
-    def __init__(self, workdir: epath.Path):
+    Process 0 writes one JSON line per record to <workdir>/metrics.jsonl (the record of the
+    run: run_report and the sweep read it) and the same numbers as TensorBoard scalars,
+    `<kind>/<metric>`, to <workdir>/tensorboard (tensorboardX: event files without
+    TensorFlow). With progress it also draws a bar over the run's steps on stdout and prints a
+    line per evaluation. Every process logs each record at INFO.
+    """
+
+    def __init__(self, workdir: epath.Path, progress: bool = False):
         self.path = workdir / "metrics.jsonl"
         self._writer = jax.process_index() == 0
+        self._progress = progress and self._writer
+        self._bar = None
+        self._tensorboard = _summary_writer(workdir / "tensorboard") if self._writer else None
+
+    def start_progress(self, total: int, initial: int, name: str) -> None:
+        """The bar of a run of `total` steps, `initial` of them already done (a resume)."""
+        if self._progress and self._bar is None:
+            self._bar = tqdm.tqdm(total=total, initial=initial, desc=name, unit="step",
+                                  file=sys.stdout, dynamic_ncols=True)
+
+    def step_done(self, values: dict[str, float]) -> None:
+        """Advances the bar by one rollout step, showing that step's headline numbers."""
+        if self._bar is not None:
+            shown = {name: f"{values[key]:.3f}" for key, name in
+                     (("reward", "reward"), ("f1", "F1"), ("queries_per_row", "queries"))
+                     if key in values}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         record = {"kind": kind, "step": step, **{k: round(float(v), 6) for k, v in values.items()}}
+        shown = ", ".join(f"{k} {v:.3g}" for k, v in record.items() if k not in ("kind", "step"))
         if self._writer:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        shown = ", ".join(f"{k} {v:.3g}" for k, v in record.items() if k not in ("kind", "step"))
+            if self._tensorboard is not None:
+                for name, value in record.items():
+                    if name not in ("kind", "step"):
+                        self._tensorboard.add_scalar(f"{kind}/{name}", value, step)
+                # A run killed without notice keeps every record written so far.
+                self._tensorboard.flush()
+            if self._progress and kind != "train":
+                tqdm.tqdm.write(f"{kind} step {step}: {shown}", file=sys.stdout)
         logging.info("%s step %d: %s", kind, step, shown)
+
+    def close(self) -> None:
+        """Ends the bar and the event file; the writer takes no more records."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _summary_writer(logdir: epath.Path):
+    """A tensorboardX SummaryWriter, or None (with a warning) where it cannot write.
+
+    tensorboardX writes gs:// only with google-cloud-storage installed; a pod run without it
+    still trains and keeps metrics.jsonl rather than failing on its dashboard.
+    """
+    # tensorboardX imports torch when it is installed (seconds): only the writing process pays.
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    try:
+        return tensorboardX.SummaryWriter(str(logdir))
+    except ImportError as e:
+        logging.warning("no TensorBoard event files in %s: %s", logdir, e)
+        return None
 
 
 def run_eval(parts: Parts, config, graphdef, params, step: int,
@@ -241,7 +309,7 @@ def train(config) -> dict[str, Any]:
     total = train_cfg.steps or max(1, len(parts.train_questions) // train_cfg.prompts_per_step)
     rl = run_config.rl_config(config, rollout_steps=total)
     rl.steps_per_batch(train_cfg.prompts_per_step * rl.samples_per_prompt)  # fail before rollouts
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, progress=train_cfg.progress)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
@@ -275,6 +343,7 @@ def train(config) -> dict[str, Any]:
     encode = encode_prompt_fn(parts.tokenizer, data.prompt_style)
     base_key = jax.random.key(train_cfg.seed)
     last = {"train": {}, "eval": {}}
+    writer.start_progress(total, start, workdir.name)
     if start == 0:
         last["eval"] = run_eval(parts, config, graphdef, state.params, 0, writer)
     stop = _StopSignal()
@@ -282,6 +351,7 @@ def train(config) -> dict[str, Any]:
         if stop.agreed():
             checkpointer.save(step, state, {"step": step, "data_position": position}, force=True)
             checkpointer.close()
+            writer.close()
             logging.warning("stopped by signal %s after step %d; saved, and a rerun resumes here",
                             stop.received or "on another process", step)
             return last
@@ -306,6 +376,7 @@ def train(config) -> dict[str, Any]:
         last["train"] = {**reward_metrics, **trajectories.metrics(), **jax.device_get(step_metrics),
                          "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
                          "epoch": order.epoch_of(position)}
+        writer.step_done(last["train"])
         if (step + 1) % train_cfg.log_every == 0 or step + 1 == total:
             writer.write("train", step + 1, last["train"])
         checkpointer.save(step + 1, state, {"step": step + 1, "data_position": position},
@@ -322,6 +393,7 @@ def train(config) -> dict[str, Any]:
             parts.tokenizer.save_pretrained(str(workdir / "hf"))
         logging.info("exported the policy to %s (for serving and evaluation)", workdir / "hf")
     checkpointer.close()
+    writer.close()
     return last
 
 

@@ -32,7 +32,7 @@ from searcher_jax.synthetic import world as world_lib
 from searcher_jax.synthetic import world_files
 
 # Bump when the generator's output changes for the same config, so old builds are redone.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FINGERPRINT_FILE = "fingerprint.json"
 PRETRAIN_LOG_FILE = "pretrain_log.json"
 

@@ -9,7 +9,8 @@ over the training part's passages only), and `</think>` plus an answer.
 They are deliberately imperfect, so that RL has something to improve: some
 answer from memory without searching (right or wrong), some write a query that
 misses the entity (then search again or guess), some search well and still
-answer wrongly. The model pretrained on them stands in for a pretrained LLM
+answer wrongly, and most multi-hop ones stop after the first hop and guess
+(`WorldConfig.p_one_hop`), so that a greedy base model does too. The model pretrained on them stands in for a pretrained LLM
 that already follows the search format; it is not one.
 """
 import random
@@ -21,7 +22,8 @@ from searcher_jax.synthetic import templates
 from searcher_jax.synthetic import world as world_lib
 
 # Which modes a demonstration is written in (see the module docstring).
-CLEAN, NO_SEARCH, POOR_QUERY, WRONG_ANSWER = "clean", "no_search", "poor_query", "wrong_answer"
+CLEAN, NO_SEARCH, POOR_QUERY, WRONG_ANSWER, ONE_HOP = (
+    "clean", "no_search", "poor_query", "wrong_answer", "one_hop")
 
 
 class DemoWriter:
@@ -77,7 +79,7 @@ class DemoWriter:
         poor_step = rng.randrange(len(question.steps)) if mode == POOR_QUERY else -1
         text = ""
         for index, step in enumerate(question.steps):
-            need, query, fact = templates.ATOMS[step.atom]
+            need, query, _ = templates.ATOMS[step.atom]
             need = need.format(x=step.subject)
             text += (rng.choice(templates.OPENINGS) if index == 0
                      else templates.NEXT_STEP).format(need=need)
@@ -89,8 +91,10 @@ class DemoWriter:
                     return text + templates.GIVE_UP + templates.FINISH.format(answer=guess)
                 text += templates.RETRY
             text += self._search_block(query.format(x=step.subject))
-            fact = fact.format(x=step.subject, y=step.value)
-            text += templates.FACT.format(fact=fact[0].upper() + fact[1:])
+            text += templates.fact_sentence(step.atom, step.subject, step.value)
+            if mode == ONE_HOP:
+                guess = self._distractor(rng, question)
+                return text + templates.FINISH.format(answer=guess)
         answer = (self._distractor(rng, question) if mode == WRONG_ANSWER
                   else question.answer)
         if question.verdicts:
@@ -110,4 +114,6 @@ class DemoWriter:
             mode = WRONG_ANSWER
         else:
             mode = CLEAN
+        if mode == CLEAN and len(question.steps) > 1 and rng.random() < config.p_one_hop:
+            mode = ONE_HOP
         return mode, base_prompt(question.text) + self.response(rng, question, mode)

@@ -87,7 +87,7 @@ def oracle_prefix(question: questions_lib.Question, documents: OracleDocuments,
     """
     text = base_prompt(question.text)
     for index, step in enumerate(question.steps):
-        need, query, fact = templates.ATOMS[step.atom]
+        need, query, _ = templates.ATOMS[step.atom]
         text += (templates.OPENINGS[0] if index == 0 else templates.NEXT_STEP).format(
             need=need.format(x=step.subject))
         text += templates.SEARCH_INTROS[0]
@@ -95,8 +95,7 @@ def oracle_prefix(question: questions_lib.Question, documents: OracleDocuments,
         text += f"{BEGIN_QUERY} {query}{END_QUERY}"
         text += documents_block(documents.block_passages(step, query, top_k))
         if index < len(question.steps) - 1:
-            fact = fact.format(x=step.subject, y=step.value)
-            text += templates.FACT.format(fact=fact[0].upper() + fact[1:])
+            text += templates.fact_sentence(step.atom, step.subject, step.value)
     return text
 
 

@@ -15,24 +15,24 @@ PRONOUNS = ("He", "She")
 
 # Passages, in the HotpotQA abstract style (a leading space, two spaces between sentences).
 # {occupation}, {kind} and {field} arrive with their article ("an engineer").
-PERSON_PASSAGE = (" {name} (born {year}) is {occupation} from {place}.  "
-                  "{pronoun} worked for {employer} for many years.")
-PLACE_PASSAGE = " {name} is {kind} in {country}.  It was founded in {year}."
+PERSON_PASSAGE = (" {name} was born in {year}.  {pronoun} is {occupation} from {place}.  "
+                  "{pronoun} worked for {employer}.")
+PLACE_PASSAGE = " {name} is {kind} in {country}.  It dates from {year}."
 ORGANISATION_PASSAGE = (" {name} is {field} organisation founded in {year} by {founder}.  "
-                        "Its headquarters are in {place}.")
-WORK_PASSAGE = " {title} is {kind} from {year} by {creator}.  It is set in {place}."
+                        "Its headquarters are at {place}.")
+WORK_PASSAGE = " {title} is {kind} by {creator} that came out in {year}.  It takes place at {place}."
 
 # One fact read from one passage: (what the reasoning needs, the query's keywords, the fact
 # as the reasoning restates it). {x} is the entity searched for, {y} the value found.
 ATOMS = {
     "birth_year": ("the birth year of {x}", "{x} born", "{x} was born in {y}"),
-    "birthplace": ("the birthplace of {x}", "{x} birthplace", "{x} was born in {y}"),
-    "occupation": ("the occupation of {x}", "{x} occupation", "the occupation of {x} is {y}"),
+    "birthplace": ("the birthplace of {x}", "{x} birthplace", "{x} is from {y}"),
+    "occupation": ("the occupation of {x}", "{x} occupation", "{x} is {y}"),
     "employer": ("the employer of {x}", "{x} employer", "{x} worked for {y}"),
     "founder": ("the founder of {x}", "{x} founder", "{x} was founded by {y}"),
     "founded_year": ("the founding year of {x}", "{x} founded year", "{x} was founded in {y}"),
     "headquarters": ("the headquarters of {x}", "{x} headquarters",
-                     "the headquarters of {x} are in {y}"),
+                     "the headquarters of {x} are at {y}"),
     "creator": ("the creator of {x}", "{x} creator", "{x} was created by {y}"),
     "work_year": ("the year of {x}", "{x} year", "{x} came out in {y}"),
     "country": ("the country of {x}", "{x} country", "{x} is in {y}"),
@@ -85,6 +85,14 @@ FINISH = " </think>\n\n<answer> {answer} </answer>"
 
 def with_article(noun: str) -> str:
     return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+
+
+def fact_sentence(atom: str, subject: str, value: str) -> str:
+    """A fact as the reasoning restates it after reading it: the words before the value
+    are the passage's own (PERSON_PASSAGE etc.), so reading it is copying."""
+    value = with_article(value) if atom == "occupation" else value
+    fact = ATOMS[atom][2].format(x=subject, y=value)
+    return FACT.format(fact=fact[0].upper() + fact[1:])
 
 
 def reserved_text() -> str:

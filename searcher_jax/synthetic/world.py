@@ -36,6 +36,9 @@ class WorldConfig:
     p_no_search: float = 0.1             # answers from memory, right or wrong
     p_poor_query: float = 0.2            # one query misses the entity; retries or guesses
     p_wrong_answer: float = 0.1          # searches well, then answers wrongly
+    # Share of the other multi-hop demonstrations that stop after the first hop and guess:
+    # over a half, so the base model's greedy choice there is to stop (RL's to find the 2nd hop).
+    p_one_hop: float = 0.6
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
@@ -43,6 +46,8 @@ class WorldConfig:
         if min(self.num_places, self.num_people, self.num_organisations, self.num_works) < 8:
             raise ValueError(f"WorldConfig: every entity count must be >= 8 so each part has at "
                              f"least two of each kind, got {self}")
+        if not 0.0 <= self.p_one_hop <= 1.0:
+            raise ValueError(f"WorldConfig.p_one_hop={self.p_one_hop} must be in [0, 1]")
         if self.p_no_search + self.p_poor_query + self.p_wrong_answer > 1.0:
             raise ValueError("WorldConfig: p_no_search + p_poor_query + p_wrong_answer > 1")
 

@@ -75,3 +75,17 @@ def test_mode_shares_follow_the_config(world_paths):
                         (demos_lib.POOR_QUERY, config.p_poor_query),
                         (demos_lib.WRONG_ANSWER, config.p_wrong_answer)):
         assert abs(modes[mode] / total - share) < 0.05, (mode, modes)
+
+
+def test_one_hop_demonstrations_stop_after_the_first_search_and_guess(world_paths):
+    """Most multi-hop demonstrations that would be clean stop after one hop (p_one_hop), so
+    the base model's greedy choice on a bridge is to stop: RL's to find the second hop."""
+    config, _ = build.PRESETS["ci"]
+    rows = [row for row in world_files.read_jsonl(world_paths.pretrain_texts)
+            if row["kind"] == world_files.DEMO]
+    one_hop = [row for row in rows if row["mode"] == demos_lib.ONE_HOP]
+    multi_clean = [row for row in rows if row["mode"] == demos_lib.CLEAN
+                   and row["text"].count("<|begin_of_query|>") > 2]  # the prompt names the tag once
+    assert one_hop and all(row["text"].count("<|begin_of_query|>") == 2 for row in one_hop)
+    share = len(one_hop) / (len(one_hop) + len(multi_clean))
+    assert abs(share - config.p_one_hop) < 0.1, share
