@@ -43,6 +43,8 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["searcher_jax", "searcher_jax.*"]),
+    # The synthetic world's committed base model (synthetic/build.py, PACKAGED_MODEL_DIR).
+    package_data={"searcher_jax.synthetic": ["base_model/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

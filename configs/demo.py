@@ -19,8 +19,10 @@ def get_config():
     # fp32 compute on CPU (XLA CPU's bf16 matmuls are slower).
     config.model.update(dtype="float32", scan_layers=False, remat=False)
     config.sampler.update(max_len=1024, segment_len=160, min_attend_bucket=128)
-    config.rollout.update(max_retrievals=4)
-    config.eval_rollout.update(max_retrievals=4)
+    # One passage per search, as the base model's demonstrations (synthetic/world.py,
+    # demo_top_k): the sub-million-parameter model reads one passage, not three.
+    config.rollout.update(max_retrievals=4, top_k=1)
+    config.eval_rollout.update(max_retrievals=4, top_k=1)
     config.rl.update(samples_per_prompt=8, mini_batch_size=32, micro_batch_size=16,
                      learning_rate=1e-4, logprob_chunk=128)
     config.stages = dict(stage1_steps=5, stage1_reward="retrieval_format", compare=True)

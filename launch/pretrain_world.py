@@ -2,6 +2,12 @@
 
     python launch/pretrain_world.py --out_dir=artifacts/world            # the demo preset
     python launch/pretrain_world.py --out_dir=/tmp/world --preset=ci     # the tests' size
+    python launch/pretrain_world.py --out_dir=/tmp/w --train --package   # rebuild the base model
+
+The base model does not depend on the world's seed or sizes (synthetic/build.py,
+model_payload); the one the presets use is committed in
+searcher_jax/synthetic/base_model and copied in seconds. --train trains it anyway
+(about 15 minutes on 2 CPU cores); --package then replaces the committed copy.
 
 Writes <out_dir>/world (corpus.jsonl, train.jsonl, eval.jsonl, pretrain.jsonl),
 <out_dir>/tokenizer and <out_dir>/model (a HF checkpoint directory, loaded like
@@ -14,6 +20,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -33,6 +40,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="overrides the world's seed")
     parser.add_argument("--steps", type=int, default=None,
                         help="overrides pretraining steps (warmup capped at a tenth of them)")
+    parser.add_argument("--train", action="store_true",
+                        help="train the base model even if the committed one matches")
+    parser.add_argument("--package", action="store_true",
+                        help="copy the built base model into searcher_jax/synthetic/base_model")
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="after building, sample N evaluation prompts and count queries")
     args = parser.parse_args()
@@ -45,8 +56,12 @@ def main() -> None:
             pretrain_config, steps=args.steps,
             warmup_steps=min(pretrain_config.warmup_steps, args.steps // 10))
     start = time.time()
-    paths = build.build(args.out_dir, world_config, pretrain_config)
+    paths = build.build(args.out_dir, world_config, pretrain_config, use_packaged=not args.train)
     print(f"build done in {time.time() - start:.1f}s: {paths.root}")
+    if args.package:
+        shutil.rmtree(build.PACKAGED_MODEL_DIR, ignore_errors=True)
+        shutil.copytree(paths.model_dir, build.PACKAGED_MODEL_DIR)
+        print(f"packaged {paths.model_dir} as {build.PACKAGED_MODEL_DIR}")
     log = json.loads((paths.model_dir / build.PRETRAIN_LOG_FILE).read_text())
     print(f"model: {log['num_params']:,} parameters, trained in {log['train_seconds']}s, "
           f"final loss {log['loss_last_10_mean']:.3f}")
@@ -65,7 +80,8 @@ def main() -> None:
         # Reading: can it copy an answer out of oracle documents, on unseen entities?
         eval_questions = reading.world_questions(world_config)[1][:args.probe]
         documents = reading.OracleDocuments(world_files.read_jsonl(paths.corpus))
-        read, _ = reading.reading_f1(model, tokenizer, eval_questions, documents, eos_ids)
+        read, _ = reading.reading_f1(model, tokenizer, eval_questions, documents, eos_ids,
+                                   top_k=world_config.demo_top_k)
         closed, _ = reading.closed_book_f1(model, tokenizer, eval_questions, eos_ids)
         print(f"reading F1 (oracle documents) {read:.3f}, closed-book F1 {closed:.3f}, "
               f"on {len(eval_questions)} unseen evaluation questions")

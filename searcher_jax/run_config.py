@@ -42,7 +42,8 @@ class WorldSource:
     dir: str = ""  # set: build (or reuse) the world there and point the empty paths at it
     preset: str = "demo"  # a key of synthetic.build.PRESETS: the world's sizes and its base model
     # None: the preset's, so an existing build is reused. Another seed draws another world,
-    # whose tokenizer, base model and index are then built anew (build.py's fingerprints).
+    # whose files and index are then built anew; the base model is the same for every seed
+    # (build.py, model_payload).
     seed: int | None = None
 
     def __post_init__(self):

@@ -42,6 +42,16 @@ def world_model_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def fresh_rows() -> list[dict]:
+    """Pretraining text of the "ci" preset's kind (synthetic/fresh.py): 400 demonstrations
+    and 20 reading drills, drawn once per session."""
+    from searcher_jax.synthetic import fresh, world_files
+    world_config, _ = world_build.PRESETS["ci"]
+    return list(fresh.fresh_texts(world_config, world_files.reserved_text(), num_demos=400,
+                                  num_drills=20, lookups=3, texts_per_part=8, seed=0))
+
+
+@pytest.fixture(scope="session")
 def world_paths(world_model_dir) -> world_build.WorldPaths:
     return world_build.WorldPaths(world_model_dir)
 

@@ -1,13 +1,13 @@
-"""Pretrains the tiny base model on the world's pretraining text.
+"""Pretrains the tiny base model of the synthetic world.
 
-What it learns from: the training part's passages (packed into rows, EOS
-between them) and the search-format demonstrations (one per row from position
-0, as a prompt sits in a rollout; EOS after a whole one; cut at `seq_len` when
-longer). The loss is next-token cross-entropy on every token but padding.
+What it learns from (synthetic/fresh.py): search-format demonstrations (one per
+row from position 0, as a prompt sits in a rollout; EOS after a whole one; cut
+at `seq_len` when longer) and windows of the packed reading drills (EOS between
+them). The loss is next-token cross-entropy on every token but padding.
 
 The result stands in for a pretrained LLM that already follows the search
-format (as Qwen2.5-7B-Base does in the paper); it is a few-million-parameter
-model of a made-up world, not a language model.
+format and reads retrieved passages (as Qwen2.5-7B-Base does in the paper); it
+is a sub-million-parameter model of made-up worlds, not a language model.
 """
 import dataclasses
 import time
@@ -28,21 +28,26 @@ _VOCAB_MULTIPLE = 128   # the model's vocab is padded up to this, as Qwen pads i
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """The tokenizer's and the model's sizes and the pretraining schedule."""
-    vocab_size: int = 4096         # asked of the BPE trainer; it may stop short
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_layers: int = 3
+    vocab_size: int = 2048         # asked of the BPE trainer; it may stop short
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 48
+    head_dim: int = 32
     max_position_embeddings: int = 8192
-    seq_len: int = 512
+    seq_len: int = 512             # a whole demonstration fits (one passage per block)
     batch_size: int = 8
-    steps: int = 600
-    learning_rate: float = 5e-3
-    warmup_steps: int = 20
+    steps: int = 1500
+    learning_rate: float = 6e-3
+    warmup_steps: int = 30
     weight_decay: float = 0.01
-    demo_fraction: float = 0.75    # share of each batch's rows that are demonstrations
+    demo_fraction: float = 0.5     # share of each batch's rows that are demonstrations
+    # The text (synthetic/fresh.py): demonstrations and reading drills about fresh entities.
+    num_demos: int = 4000
+    num_drills: int = 4000
+    drill_lookups: int = 4         # reading steps per drill
+    texts_per_part: int = 8        # texts per freshly drawn world part
     seed: int = 0
 
     def __post_init__(self):
@@ -92,7 +97,7 @@ def passage_stream(token_ids: list[list[int]], eos_id: int) -> np.ndarray:
 
 def sample_batch(rng: np.random.Generator, demos: Rows, stream: np.ndarray,
                  config: PretrainConfig) -> Rows:
-    """A batch of demonstration rows and windows of the passage stream."""
+    """A batch of demonstration rows and windows of the drill stream."""
     num_demos = round(config.batch_size * config.demo_fraction)
     picked = rng.integers(0, demos.tokens.shape[0], num_demos)
     starts = rng.integers(0, stream.shape[0] - config.seq_len, config.batch_size - num_demos)

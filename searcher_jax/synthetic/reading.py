@@ -50,12 +50,11 @@ def world_questions(config: world_lib.WorldConfig
     """
     world = world_files.generate_world(config)
     rng = random.Random(config.seed + 2)
-    train_part = questions_lib.generate_questions(
-        rng, world.train, config.num_train_questions + config.num_demo_questions,
-        config.kind_weights)
+    train_questions = questions_lib.generate_questions(
+        rng, world.train, config.num_train_questions, config.kind_weights)
     eval_questions = questions_lib.generate_questions(
         rng, world.eval, config.num_eval_questions, config.kind_weights)
-    return train_part[:config.num_train_questions], eval_questions
+    return train_questions, eval_questions
 
 
 class OracleDocuments:

@@ -1,9 +1,10 @@
 """A generated world of fictional people, places, organisations and works.
 
 The world has two parts with disjoint entities: the training part (its
-passages are pretraining text, its questions are for RL training and
-demonstrations) and the evaluation part (its passages are only in the
-retrieval corpus, so its questions need search). Relations never cross parts:
+questions are for RL training) and the evaluation part (held-out questions
+about entities RL never saw). Both parts' passages are in the retrieval
+corpus and in no pretraining text, so every question needs search. Relations
+never cross parts:
 a training person is born in a training place and works for a training
 organisation, so no passage of one part names an entity of the other.
 Everything is drawn from one `random.Random(seed)`, so a seed gives the same
@@ -28,9 +29,10 @@ class WorldConfig:
     eval_fraction: float = 0.25          # share of each entity kind in the evaluation part
     num_train_questions: int = 1000      # RL training questions (training part)
     num_eval_questions: int = 300        # evaluation questions (evaluation part)
-    num_demo_questions: int = 1500       # training-part questions kept for demonstrations
-    num_demos: int = 4000                # search-format demonstrations in the pretraining text
-    demo_top_k: int = 3                  # passages per inserted document block
+    # Passages per document block in the demonstrations (and the demo's rollouts). 1: the
+    # sub-million-parameter base model learned to read one passage; blocks of three (the
+    # paper's training top-k) it had not learned to read in our tries (README).
+    demo_top_k: int = 1
     kind_weights: tuple[float, float, float] = (0.3, 0.4, 0.3)   # single, bridge, comparison
     # Imperfect demonstrations, so RL has something to improve (shares of all demonstrations).
     p_no_search: float = 0.1             # answers from memory, right or wrong
@@ -116,7 +118,7 @@ def _split(total: int, eval_fraction: float) -> tuple[int, int]:
     return total - num_eval, num_eval
 
 
-def _generate_part(rng: random.Random, pool: names.NamePool, countries: tuple[str, ...],
+def generate_part(rng: random.Random, pool: names.NamePool, countries: tuple[str, ...],
                    num_places: int, num_people: int, num_organisations: int,
                    num_works: int) -> Part:
     places = tuple(
@@ -157,6 +159,6 @@ def generate_world(config: WorldConfig, reserved_text: str = "") -> World:
     countries = tuple(pool.draw() for _ in range(config.num_countries))
     counts = [_split(total, config.eval_fraction) for total in (
         config.num_places, config.num_people, config.num_organisations, config.num_works)]
-    train = _generate_part(rng, pool, countries, *(train for train, _ in counts))
-    eval_part = _generate_part(rng, pool, countries, *(num_eval for _, num_eval in counts))
+    train = generate_part(rng, pool, countries, *(train for train, _ in counts))
+    eval_part = generate_part(rng, pool, countries, *(num_eval for _, num_eval in counts))
     return World(config=config, countries=countries, train=train, eval=eval_part)

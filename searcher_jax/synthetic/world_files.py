@@ -3,12 +3,10 @@
     corpus.jsonl    id, title, text, format   (as reference/corpus/*.corpus.jsonl)
     train.jsonl     idx, question, answer, gen_text_store  (RL training questions)
     eval.jsonl      idx, question, answer, gen_text_store  (as r1searcher/eval_set/*.jsonl)
-    pretrain.jsonl  kind ("passage" or "demo"), text, and a demo's mode: everything the
-                    base model is trained on
 
-Training questions, demonstration questions and evaluation questions are
-three disjoint sets; the first two are about the training part of the world,
-the last about the evaluation part.
+Training questions are about the training part of the world, evaluation
+questions about the evaluation part. No text of the world is pretraining text:
+the base model learns from fresh entities (synthetic/fresh.py).
 """
 import dataclasses
 import json
@@ -16,15 +14,11 @@ import pathlib
 import random
 
 from searcher_jax.data import prompts
-from searcher_jax.synthetic import demonstrations
-from searcher_jax.synthetic import keyword_search
 from searcher_jax.synthetic import passages
 from searcher_jax.synthetic import questions as questions_lib
 from searcher_jax.synthetic import world as world_lib
 
-CORPUS_FILE, TRAIN_FILE, EVAL_FILE, PRETRAIN_FILE = (
-    "corpus.jsonl", "train.jsonl", "eval.jsonl", "pretrain.jsonl")
-PASSAGE, DEMO = "passage", "demo"
+CORPUS_FILE, TRAIN_FILE, EVAL_FILE = "corpus.jsonl", "train.jsonl", "eval.jsonl"
 _TAGS = (prompts.BEGIN_QUERY, prompts.END_QUERY, prompts.BEGIN_DOCUMENTS, prompts.END_DOCUMENTS,
          "Title:", "Text:")
 
@@ -35,52 +29,30 @@ class WorldTexts:
     corpus: list[dict]
     train: list[dict]
     eval: list[dict]
-    pretrain: list[dict]
 
 
-def leaked_names(names: list[str], texts: list[str]) -> list[str]:
-    """The names that occur (case-sensitively) in any of `texts`."""
-    joined = "\n".join(texts)
-    return [name for name in names if name in joined]
+def reserved_text() -> str:
+    """The fixed text besides the templates that no drawn name may occur in: the prompt and
+    the tags."""
+    return prompts.base_prompt("") + "\n".join(_TAGS)
 
 
 def generate_world(config: world_lib.WorldConfig) -> world_lib.World:
     """The world of a config, its names kept out of the prompt and the tags."""
-    reserved = prompts.base_prompt("") + "\n".join(_TAGS)
-    return world_lib.generate_world(config, reserved_text=reserved)
+    return world_lib.generate_world(config, reserved_text=reserved_text())
 
 
 def build_world_texts(config: world_lib.WorldConfig) -> WorldTexts:
     """All world files' rows; a pure function of the config."""
     world = generate_world(config)
     question_rng = random.Random(config.seed + 2)
-    train_part_questions = questions_lib.generate_questions(
-        question_rng, world.train, config.num_train_questions + config.num_demo_questions,
-        config.kind_weights)
-    train_questions = train_part_questions[:config.num_train_questions]
-    demo_questions = train_part_questions[config.num_train_questions:]
+    train_questions = questions_lib.generate_questions(
+        question_rng, world.train, config.num_train_questions, config.kind_weights)
     eval_questions = questions_lib.generate_questions(
         question_rng, world.eval, config.num_eval_questions, config.kind_weights)
-
-    corpus = passages.corpus_rows(world)
-    train_names = set(world.train.names())
-    train_corpus = [row for row in corpus if row["title"] in train_names]
-    writer = demonstrations.DemoWriter(world, keyword_search.KeywordSearch(train_corpus))
-    demo_rng = random.Random(config.seed + 3)
-    pretrain = [dict(kind=PASSAGE, text=passages.render_passage(row["title"], row["text"]))
-                for row in train_corpus]
-    if config.num_demos and not demo_questions:
-        raise ValueError("WorldConfig: num_demos > 0 needs num_demo_questions > 0")
-    for index in range(config.num_demos):
-        question = demo_questions[index % len(demo_questions)]
-        mode, text = writer.demonstration(demo_rng, question)
-        pretrain.append(dict(kind=DEMO, text=text, mode=mode))
-
-    leaks = leaked_names(list(world.eval.names()), [row["text"] for row in pretrain])
-    if leaks:   # The name pool rules this out; a failure here is a bug in the generator.
-        raise AssertionError(f"evaluation entities in the pretraining text: {leaks[:5]}")
-    return WorldTexts(corpus=corpus, train=questions_lib.question_rows(train_questions),
-                      eval=questions_lib.question_rows(eval_questions), pretrain=pretrain)
+    return WorldTexts(corpus=passages.corpus_rows(world),
+                      train=questions_lib.question_rows(train_questions),
+                      eval=questions_lib.question_rows(eval_questions))
 
 
 def write_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
@@ -95,10 +67,10 @@ def read_jsonl(path: pathlib.Path) -> list[dict]:
 
 
 def write_world(config: world_lib.WorldConfig, directory: pathlib.Path) -> WorldTexts:
-    """Writes the four world files into `directory` (created if needed)."""
+    """Writes the three world files into `directory` (created if needed)."""
     texts = build_world_texts(config)
     directory.mkdir(parents=True, exist_ok=True)
     for name, rows in ((CORPUS_FILE, texts.corpus), (TRAIN_FILE, texts.train),
-                       (EVAL_FILE, texts.eval), (PRETRAIN_FILE, texts.pretrain)):
+                       (EVAL_FILE, texts.eval)):
         write_jsonl(directory / name, rows)
     return texts

@@ -14,8 +14,7 @@ from searcher_jax.synthetic import world as world_lib
 from searcher_jax.synthetic import world_files
 
 CONFIG = world_lib.WorldConfig(num_places=12, num_people=40, num_organisations=12,
-                               num_works=20, num_train_questions=10, num_eval_questions=10,
-                               num_demo_questions=10, num_demos=10)
+                               num_works=20, num_train_questions=10, num_eval_questions=10)
 _ANSWER = re.compile(r"<answer> (.*) </answer>$")
 
 
@@ -65,24 +64,22 @@ def test_imperfect_modes_are_imperfect(writer_and_questions):
         assert any(not any(subject in query for subject in subjects) for query in queries)
 
 
-def test_mode_shares_follow_the_config(world_paths):
+def test_mode_shares_follow_the_config(fresh_rows):
     config, _ = build.PRESETS["ci"]
-    modes = collections.Counter(row["mode"] for row in world_files.read_jsonl(
-        world_paths.pretrain_texts) if row["kind"] == world_files.DEMO)
+    modes = collections.Counter(row["mode"] for row in fresh_rows if row["kind"] == "demo")
     total = sum(modes.values())
-    assert total == config.num_demos
+    assert total == 400
     for mode, share in ((demos_lib.NO_SEARCH, config.p_no_search),
                         (demos_lib.POOR_QUERY, config.p_poor_query),
                         (demos_lib.WRONG_ANSWER, config.p_wrong_answer)):
         assert abs(modes[mode] / total - share) < 0.05, (mode, modes)
 
 
-def test_one_hop_demonstrations_stop_after_the_first_search_and_guess(world_paths):
+def test_one_hop_demonstrations_stop_after_the_first_search_and_guess(fresh_rows):
     """Most multi-hop demonstrations that would be clean stop after one hop (p_one_hop), so
     the base model's greedy choice on a bridge is to stop: RL's to find the second hop."""
     config, _ = build.PRESETS["ci"]
-    rows = [row for row in world_files.read_jsonl(world_paths.pretrain_texts)
-            if row["kind"] == world_files.DEMO]
+    rows = [row for row in fresh_rows if row["kind"] == "demo"]
     one_hop = [row for row in rows if row["mode"] == demos_lib.ONE_HOP]
     multi_clean = [row for row in rows if row["mode"] == demos_lib.CLEAN
                    and row["text"].count("<|begin_of_query|>") > 2]  # the prompt names the tag once

@@ -57,12 +57,12 @@ def test_corpus_matches_the_real_hotpot_abstracts(world_paths, reference_dir):
         row["title"], row["text"])).groups() == (row["title"], row["text"])
 
 
-def test_demonstration_blocks_read_like_the_released_traces(world_paths, reference_dir):
+def test_demonstration_blocks_read_like_the_released_traces(fresh_rows, reference_dir):
     real = _rows(reference_dir / "r1searcher" / "eval_results" / "hotpotqa_qwen.jsonl")
     real_searches = [match for row in real for match in _SEARCH.findall(row["gen_text_store"])]
     assert len(real_searches) > 100   # the pattern is the real one
     responses = [row["text"].split("Assistant: <think>", 1)[1]
-                 for row in _rows(world_paths.pretrain_texts) if row["kind"] == world_files.DEMO]
+                 for row in fresh_rows if row["kind"] == "demo"]
     searching = [text for text in responses if prompts.BEGIN_QUERY in text]
     assert searching
     for text in searching:

@@ -61,10 +61,10 @@ def test_names_are_not_whole_tokens(model_and_tokenizer):
     assert abs(mean_pieces(train_people) - mean_pieces(eval_people)) < 0.5
 
 
-def test_tokenizer_round_trips_the_pretraining_text(world_paths, model_and_tokenizer):
+def test_tokenizer_round_trips_the_pretraining_text(fresh_rows, model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
-    rows = world_files.read_jsonl(world_paths.pretrain_texts)
-    texts = [rows[0]["text"]] + [row["text"] for row in rows if row["kind"] == "demo"][:20]
+    texts = ([row["text"] for row in fresh_rows if row["kind"] == "demo"][:20]
+             + [row["text"] for row in fresh_rows if row["kind"] != "demo"][:5])
     for text in texts:
         ids = tokenizer(text)["input_ids"]
         assert tokenizer.decode(ids) == text
@@ -87,7 +87,9 @@ def test_unchanged_config_reuses_and_changed_config_rebuilds(world_model_dir, wo
     messages = []
     build.build(world_model_dir, world_config, pretrain_config, log=messages.append)
     assert weights.stat().st_mtime_ns == before
-    assert len(messages) == 4 and all(message.startswith("reusing") for message in messages)
+    stages = [message for message in messages if not message.startswith("base model:")]
+    assert len(stages) == 5 and all(message.startswith("reusing") for message in stages)
+    assert any("reading F1" in message for message in messages)   # printed on every build
     changed = dataclasses.replace(pretrain_config, steps=pretrain_config.steps + 1)
     payload = json.loads((world_paths.model_dir / build.FINGERPRINT_FILE).read_text())
     assert payload["fingerprint"] == build.fingerprint(payload["payload"])
@@ -116,3 +118,19 @@ def test_build_refuses_to_replace_a_foreign_directory(tmp_path):
     with pytest.raises(FileExistsError, match="not written by this build"):
         build.build(tmp_path, world_config, pretrain_config, log=lambda message: None)
     assert (tmp_path / "world" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("preset", sorted(build.PRESETS))
+def test_committed_base_model_is_what_the_presets_build(preset):
+    """The committed weights (searcher_jax/synthetic/base_model) carry the fingerprint of the
+    current model payload: changing the generator, the pretraining config or the behaviour
+    shares without rebuilding them (`launch/pretrain_world.py --train --package`) fails here."""
+    world_config, pretrain_config = build.PRESETS[preset]
+    payload = build.model_payload(world_config, pretrain_config)
+    record = json.loads((build.PACKAGED_MODEL_DIR / build.FINGERPRINT_FILE).read_text())
+    assert record["payload"] == json.loads(json.dumps(payload))
+    assert build.packaged_model(payload) == build.PACKAGED_MODEL_DIR
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "pretrain_log.json"):
+        assert (build.PACKAGED_MODEL_DIR / name).is_file(), name
+    other_seed = dataclasses.replace(world_config, seed=world_config.seed + 1)
+    assert build.model_payload(other_seed, pretrain_config) == payload   # any world's model

@@ -13,10 +13,8 @@ from searcher_jax.synthetic import world as world_lib
 from searcher_jax.synthetic import world_files
 
 TINY = world_lib.WorldConfig(num_places=12, num_people=40, num_organisations=12, num_works=20,
-                             num_train_questions=60, num_eval_questions=30,
-                             num_demo_questions=60, num_demos=80)
-FILES = (world_files.CORPUS_FILE, world_files.TRAIN_FILE, world_files.EVAL_FILE,
-         world_files.PRETRAIN_FILE)
+                             num_train_questions=60, num_eval_questions=30)
+FILES = (world_files.CORPUS_FILE, world_files.TRAIN_FILE, world_files.EVAL_FILE)
 
 
 def test_same_seed_gives_byte_identical_files(tmp_path):
@@ -50,14 +48,9 @@ def test_names_are_unique_and_parts_disjoint():
         assert {work.creator, work.setting} <= train_set
 
 
-def test_no_evaluation_name_in_pretraining_text(world_paths):
+def test_every_entity_of_both_parts_has_its_passage(world_paths):
     config, _ = build.PRESETS["ci"]
     world = world_files.generate_world(config)
-    pretrain_text = world_paths.pretrain_texts.read_text()
-    leaked = [name for name in world.eval.names() if name in pretrain_text]
-    assert not leaked
-    # The check has teeth: training names and evaluation passages are where they belong.
-    assert all(name in pretrain_text for name in world.train.names())
     corpus_titles = {row["title"] for row in world_files.read_jsonl(world_paths.corpus)}
     assert set(world.eval.names()) <= corpus_titles
     assert set(world.train.names()) <= corpus_titles
@@ -74,11 +67,6 @@ def test_questions_are_about_their_own_part(world_paths):
             mentioned = set(name_pattern.findall(row["question"]))
             assert mentioned and mentioned <= set(own.names()), row
             assert not mentioned & set(other.names()), row
-    demo_questions = {re.search(r"User:(.*)\n", row["text"]).group(1)
-                      for row in world_files.read_jsonl(world_paths.pretrain_texts)
-                      if row["kind"] == world_files.DEMO}
-    rl_questions = {row["question"] for row in world_files.read_jsonl(world_paths.train_questions)}
-    assert demo_questions and not demo_questions & rl_questions
 
 
 def test_every_answer_is_in_the_corpus(world_paths):
