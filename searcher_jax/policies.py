@@ -112,7 +112,7 @@ def evaluate_policy(policy: Policy, sampler: Sampler, tokenizer: Tokenizer, retr
         searched = ([p for hits in retriever.search(list(record.queries), config.top_k)
                      for p in hits] if record.queries else [])
         out.append(PolicyRecord(
-            record=record, retrievals=len(passages and [1]) + len(record.queries),
+            record=record, retrievals=(policy.kind == RAG) + len(record.queries),
             retrieved_titles=frozenset(p.title for p in list(passages) + searched)))
     return out
 

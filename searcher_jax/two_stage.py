@@ -91,13 +91,10 @@ def run(config) -> dict[str, Any]:
     return compare(stage2, workdir)
 
 
-def _groups_and_gold(config, questions) -> tuple[dict[str, str], dict[str, list[str]] | None]:
-    """Question id -> kind, and -> gold passage titles, from the synthetic world (which knows
-    both exactly); without a world, one group and no gold titles."""
-    world = run_config.world_source(config)
-    if not world.dir:
-        return {q.id: "all questions" for q in questions}, None
-    world_config, _ = world.configs()
+def _groups_and_gold(config, questions) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Question id -> kind, and -> gold passage titles, from the synthetic world, which
+    knows both exactly."""
+    world_config, _ = run_config.world_source(config).configs()
     by_text = {q.text: q for q in reading.world_questions(world_config)[1]}
     groups, gold = {}, {}
     for question in questions:
