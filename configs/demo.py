@@ -25,7 +25,9 @@ def get_config():
     config.eval_rollout.update(max_retrievals=4, top_k=1)
     config.rl.update(samples_per_prompt=8, mini_batch_size=32, micro_batch_size=16,
                      learning_rate=1e-4, logprob_chunk=128)
-    config.stages = dict(stage1_steps=5, stage1_reward="retrieval_format", compare=True)
+    # --config.stages.enabled=false runs this config as one run (stage 2's recipe only).
+    config.stages = dict(enabled=True, stage1_steps=5, stage1_reward="retrieval_format",
+                         compare=True)
     config.train.update(workdir="runs/demo", steps=20, prompts_per_step=8, eval_every=10,
                         eval_questions=64, eval_batch_size=32, save_every=10)
     return config

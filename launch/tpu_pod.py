@@ -39,9 +39,11 @@ def main(argv):
     from searcher_jax import trainer, two_stage  # pylint: disable=import-outside-toplevel
     logging.info("devices: %s", jax.devices())
     config = flags.FLAGS.config
-    if "stages" in config:   # configs/demo.py: both stages, then the policy comparison
+    if "stages" in config and config.stages.get("enabled", True):
+        # configs/demo.py: both stages, then the policy comparison (two_stage.py)
         table = two_stage.run(config)
-        print(f"done: {config.train.workdir} (results.md, training.png, policies.png)")
+        print(f"done: {config.train.workdir}" + (" (results.md, training.png, policies.png)"
+                                                 if table else ""))
         for name, groups in table.items():
             summary = groups["all"]
             print(f"  {name:<20} F1 {summary['f1']:.3f}  retrievals/question "

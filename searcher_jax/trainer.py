@@ -96,9 +96,9 @@ def resolve_world(config):
 
 
 def _print_once(message: str) -> None:
-    """On stdout from process 0: a world build takes minutes, and logs show warnings only."""
+    """On stderr from process 0: logs show warnings only, and stdout is the tools' output."""
     if jax.process_index() == 0:
-        print(message, flush=True)
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +283,8 @@ def run_eval(parts: Parts, config, graphdef, params, step: int,
 
 
 def train(config) -> dict[str, Any]:
-    """Runs (or resumes) the configured run; returns the last train and eval metrics.
+    """Runs (or resumes) the configured run; returns the last train and eval metrics and
+    "stopped" (True when a signal stopped it: it saved, and a rerun resumes).
 
     A run whose workdir holds a checkpoint resumes from it. Otherwise, with
     config.model.init_from, it starts from the params of that run's latest checkpoint.
@@ -342,7 +343,7 @@ def train(config) -> dict[str, Any]:
     order = QuestionOrder(parts.train_questions, seed=train_cfg.seed, shuffle=data.shuffle)
     encode = encode_prompt_fn(parts.tokenizer, data.prompt_style)
     base_key = jax.random.key(train_cfg.seed)
-    last = {"train": {}, "eval": {}}
+    last = {"train": {}, "eval": {}, "stopped": False}
     writer.start_progress(total, start, workdir.name)
     if start == 0:
         last["eval"] = run_eval(parts, config, graphdef, state.params, 0, writer)
@@ -354,7 +355,7 @@ def train(config) -> dict[str, Any]:
             writer.close()
             logging.warning("stopped by signal %s after step %d; saved, and a rerun resumes here",
                             stop.received or "on another process", step)
-            return last
+            return {**last, "stopped": True}
         t0 = time.perf_counter()
         prompt_questions = order.batch(position, train_cfg.prompts_per_step)
         questions = expand_samples(prompt_questions, rl.samples_per_prompt)

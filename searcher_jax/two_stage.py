@@ -48,6 +48,7 @@ POLICY_NAMES = ("naive (no search)", "standard RAG", "base, searching", "trained
 @dataclasses.dataclass(frozen=True)
 class StagesConfig:
     """config.stages: what stage 1 changes from the run config (stage 2 is the config)."""
+    enabled: bool = True                      # False: the config is one run (trainer.train)
     stage1_steps: int = 5
     stage1_reward: str = "retrieval_format"   # SPEC section 3: 0.5 retrieval + 0.5 format
     compare: bool = True                      # evaluate the four policies at the end
@@ -76,16 +77,15 @@ def stage_configs(config) -> tuple[Any, Any]:
 
 def run(config) -> dict[str, Any]:
     """Both stages, then (config.stages.compare) the comparison; returns its table ({} when
-    not compared)."""
+    not compared, or when a stage was stopped by a signal: it saved, and a rerun resumes)."""
     stages = run_config.build(StagesConfig, config.stages, "stages")
     stage1, stage2 = stage_configs(config)
-    trainer.train(stage1)
-    trainer.train(stage2)
+    if trainer.train(stage1)["stopped"] or trainer.train(stage2)["stopped"]:
+        return {}
     workdir = epath.Path(config.train.workdir)
-    records = [(name, run_report.read_metrics(workdir / name / "metrics.jsonl"))
-               for name in (STAGE1, STAGE2)]
-    if jax.process_index() == 0:
-        run_report.plot_training(records, workdir / "training.png")
+    if jax.process_index() == 0:   # the process that wrote the metrics
+        run_report.plot_training([(name, run_report.read_metrics(workdir / name))
+                                  for name in (STAGE1, STAGE2)], workdir / "training.png")
     if not stages.compare:
         return {}
     return compare(stage2, workdir)

@@ -28,6 +28,7 @@ def _args(world_dir, workdir, steps=2, eval_questions=4):
             "--config.sampler.max_len=512", "--config.sampler.segment_len=64",
             "--config.rollout.max_retrievals=1", "--config.eval_rollout.max_retrievals=1",
             "--config.mesh.data=2", "--config.mesh.fsdp=2",
+            "--config.stages.enabled=false",   # one run, not the demo's two stages
             "--verbosity=0"]   # the INFO lines the tests read (warnings only by default)
 
 

@@ -256,18 +256,22 @@ def _tpu_pod(*args, tmp_path):
 
 
 def test_the_main_entry_runs_the_demo_config_with_overrides(world_model_dir, tmp_path):
+    """The demo config's two stages (configs/demo.py), one step each, no comparison."""
     workdir = tmp_path / "run"  # given relative to the working directory, as a user would
     result = _tpu_pod(
         f"--config.world.dir={world_model_dir}", "--config.train.workdir=run",
+        "--config.stages.stage1_steps=1", "--config.stages.compare=false",
         "--config.train.steps=1", "--config.train.save_every=1", "--config.train.prompts_per_step=2",
         "--config.rl.samples_per_prompt=4", "--config.rl.mini_batch_size=8",
         "--config.rl.micro_batch_size=8", "--config.train.eval_questions=0",
         "--config.sampler.max_len=512", "--config.sampler.segment_len=96",
         "--config.rollout.max_retrievals=1", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [(r["kind"], r["step"]) for r in read_metrics(workdir)] == [("train", 1)]
-    assert (workdir / "hf" / "model.safetensors").is_file()
-    assert (workdir / "checkpoints" / "1" / "state").is_dir()
+    for stage in ("stage1", "stage2"):
+        assert [(r["kind"], r["step"]) for r in read_metrics(workdir / stage)] == [("train", 1)]
+        assert (workdir / stage / "hf" / "model.safetensors").is_file()
+        assert (workdir / stage / "checkpoints" / "1" / "state").is_dir()
+    assert (workdir / "training.png").is_file() and not (workdir / "results.md").exists()
     assert "Traceback" not in result.stderr
 
 
@@ -278,9 +282,10 @@ def test_the_main_entry_rejects_a_misspelt_override(tmp_path):
 
 
 def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_resumes(world_model_dir, tmp_path):
-    """A preempted run saves after the step it is in and exits 0; the rerun continues."""
+    """A preempted run saves after the step it is in and exits 0, without going on to the
+    next stage; the rerun continues."""
     args = [f"--config.world.dir={world_model_dir}", "--config.train.workdir=run",
-            "--config.train.steps=50", "--config.train.prompts_per_step=2",
+            "--config.stages.stage1_steps=50", "--config.train.steps=50", "--config.train.prompts_per_step=2",
             "--config.rl.samples_per_prompt=4", "--config.rl.mini_batch_size=8",
             "--config.rl.micro_batch_size=8", "--config.train.eval_questions=0",
             "--config.sampler.max_len=512", "--config.sampler.segment_len=64",
@@ -289,7 +294,8 @@ def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_resumes(world_model_
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "tpu_pod.py"), *args],
                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    run = tmp_path / "run" / "stage1"
+    metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
         assert process.poll() is None, process.stderr.read()[-3000:]
@@ -298,8 +304,8 @@ def test_sigterm_checkpoints_the_step_in_flight_and_a_rerun_resumes(world_model_
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
     assert "stopped by signal SIGTERM" in stderr
-    done = len(read_metrics(tmp_path / "run"))
-    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
-                   if p.name.isdigit())
+    done = len(read_metrics(run))
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
     assert 1 <= done < 50 and saved == [done]
-    assert not (tmp_path / "run" / "hf").exists()  # no export of an unfinished run
+    assert not (run / "hf").exists()  # no export of an unfinished run
+    assert not (tmp_path / "run" / "stage2").exists()  # and no next stage
