@@ -86,7 +86,7 @@ def run(config) -> dict[str, Any]:
     if jax.process_index() == 0:   # the process that wrote the metrics
         run_report.plot_training([(name, run_report.read_metrics(workdir / name))
                                   for name in (STAGE1, STAGE2)], workdir / "training.png")
-    if not stages.compare:
+    if not stages.compare or not config.train.eval_questions:
         return {}
     return compare(stage2, workdir)
 

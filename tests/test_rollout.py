@@ -79,7 +79,9 @@ def _assert_row_is_consistent(out, b, prompt, tokenizer, max_len):
     assert out.tokens[b, :p].tolist() == prompt
     assert not out.loss_mask[b, :p].any() and not out.loss_mask[b, n:].any()
     assert (out.tokens[b, n:] == 0).all() and (out.sampler_logprobs[b, n:] == 0).all()
-    assert (out.sampler_logprobs[b][out.loss_mask[b]] < 0).all()
+    # A sampled token's log-prob is <= 0; it rounds to exactly 0 in float32 where the model
+    # is sure of it (the base model is, on the prompt's fixed wording).
+    assert (out.sampler_logprobs[b][out.loss_mask[b]] <= 0).all()
     assert (out.sampler_logprobs[b][~out.loss_mask[b]] == 0).all()
     inserted = _inserted_blocks(out, b, tokenizer)
     assert len(inserted) == len(out.queries[b])

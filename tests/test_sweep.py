@@ -26,6 +26,7 @@ def test_a_two_run_sweep(world_model_dir, tmp_path):
     command = [sys.executable, str(REPO_ROOT / "launch" / "sweep.py"), f"--out={out}",
                "--sweep=rl.estimator=reinforce_baseline,grpo", "--",
                f"--config.world.dir={world_model_dir}", "--config.train.steps=1",
+               "--config.stages.enabled=false",   # one run each, not the demo's two stages
                "--config.train.prompts_per_step=2", "--config.rl.samples_per_prompt=4",
                "--config.rl.mini_batch_size=8", "--config.rl.micro_batch_size=8",
                "--config.train.eval_questions=0", "--config.sampler.max_len=512",

@@ -136,7 +136,9 @@ def test_stage_2_starts_from_stage_1s_checkpoint_as_policy_and_reference(
     # KL 1e-4 loads a reference. One mini-batch of all 8 rows a step: step 1's metrics are its
     # first mini-batch's. A learning rate that moves the policy, so that step 2 shows the
     # reference stays stage 1's policy instead of following the trained one.
-    config.rl.update(kl_coef=1e-4, mini_batch_size=8, learning_rate=3e-3)
+    # 8 samples a prompt, so that a group whose rewards all tie (no update) is unlikely.
+    config.rl.update(kl_coef=1e-4, samples_per_prompt=8, mini_batch_size=16,
+                     micro_batch_size=8, learning_rate=3e-3)
     config.train.export_hf = False
     with caplog.at_level(logging.INFO):
         result = trainer.train(config)
@@ -211,7 +213,8 @@ def test_a_run_with_its_own_checkpoint_resumes_and_ignores_init_from(
         result = trainer.train(config)
     assert "is not used: the run resumes from its own checkpoint" in caplog.text
     assert f"at step {STEPS} (data position {STEPS * 2})" in caplog.text
-    assert result == {"train": {}, "eval": {}}  # nothing left to do after step 3 of 3
+    # Nothing left to do after step 3 of 3.
+    assert result == {"train": {}, "eval": {}, "stopped": False}
 
 
 def test_rows_that_do_not_split_fail_before_any_rollout(world_model_dir, tmp_path):
