@@ -317,7 +317,7 @@ def train(config) -> dict[str, Any]:
     graphdef = parts.graphdef
     if init_from:
         # The HF weights make way for the checkpoint's, laid out on the same shardings.
-        abstract = jax.tree.map(_abstract, params)
+        abstract = jax.tree.map(abstract_like, params)
         del params
         with _naming(init_from):
             params, step_dir = checkpoint_lib.restore_params(init_from, abstract)
@@ -335,7 +335,7 @@ def train(config) -> dict[str, Any]:
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_cfg)
     start, position = 0, 0
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(None, jax.tree.map(_abstract, state))
+        state, meta = checkpointer.restore(None, jax.tree.map(abstract_like, state))
         start, position = meta["step"], meta["data_position"]
         logging.info("resumed from %s at step %d (data position %d)", workdir / "checkpoints",
                      start, position)
@@ -449,5 +449,6 @@ class _StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
 
 
-def _abstract(x):
+def abstract_like(x):
+    """A ShapeDtypeStruct of array x, on its sharding: what a restore is asked for."""
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)

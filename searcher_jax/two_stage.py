@@ -120,8 +120,7 @@ def compare(config, workdir: epath.Path) -> dict[str, dict[str, dict[str, float]
         raise ValueError("compare: needs the embedded world (config.world.dir)")
     train_cfg = run_config.build(trainer.TrainConfig, config.train, "train")
     parts, base_params = trainer.build_parts(config, with_train_questions=False)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            base_params)
+    abstract = jax.tree.map(trainer.abstract_like, base_params)
     trained_params, step_dir = checkpoint_lib.restore_params(train_cfg.workdir, abstract)
     logging.info("comparing the base model with %s", step_dir)
     questions = parts.eval_questions[:train_cfg.eval_questions]
