@@ -10,7 +10,11 @@ fails here with the section and the valid names.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, Mapping
+
+from ml_collections import config_dict
 
 from searcher_jax.data.config import DataConfig
 from searcher_jax.retrieval.retriever import RetrieverConfig
@@ -61,9 +65,27 @@ class WorldSource:
 
 
 def defaults(cls) -> dict[str, Any]:
-    """A dataclass's fields and defaults as a plain dict (a config section)."""
-    return {f.name: f.default for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default)}
+    """A dataclass's fields and defaults as a plain dict (a config section).
+
+    A None default of an `X | None` field becomes a placeholder of type X: ml_collections
+    refuses to override a plain None from the command line (`--config.rl.dual_clip=3`).
+    """
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING or dataclasses.is_dataclass(f.default):
+            continue
+        out[f.name] = (config_dict.placeholder(_optional_type(hints[f.name], f.name))
+                       if f.default is None else f.default)
+    return out
+
+
+def _optional_type(hint, name: str) -> type:
+    """X of the type hint `X | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType) or len(args) != 1:
+        raise TypeError(f"field {name}: a None default needs an `X | None` type, got {hint}")
+    return args[0]
 
 
 def build(cls, section: Mapping[str, Any], name: str):
@@ -91,8 +113,12 @@ def retriever_config(config) -> RetrieverConfig:
 
 def rl_config(config, rollout_steps: int | None = None) -> RLConfig:
     """RLConfig; total_steps 0 means the optimizer steps of `rollout_steps` rollout batches of
-    config.train.prompts_per_step prompts (the schedule spans the run)."""
+    config.train.prompts_per_step prompts (the schedule spans the run), and loss_norm_tokens 0
+    the sampler's row buffer, config.sampler.max_len (Dr. GRPO's constant: the generation
+    budget, the same at every step whatever length the step's batch is padded to)."""
     section = dict(config.rl)
+    if section.get("loss_norm_tokens", 0) == 0 and "sampler" in config:
+        section["loss_norm_tokens"] = config.sampler.max_len
     if section.get("total_steps", 1) == 0:
         if rollout_steps is None:
             raise ValueError("config.rl.total_steps=0 needs the run's length (rollout steps)")

@@ -3,9 +3,11 @@
 One rollout step:
     questions (QuestionOrder at a saved position) -> prompts x samples_per_prompt
     -> rollout (sampler <-> retriever) -> rewards (host strings)
+    [-> more prompts while dynamic sampling refills: rl/dynamic_sampling.py]
     -> [reference log-probs] -> train_step (pure, jitted, sharded) -> metrics, checkpoint.
 Everything a resumed run needs is in the checkpoint: the TrainState, the step
-and the data position; each step's PRNG key is fold_in(seed, step). A new run may start from
+and the data position; each step's PRNG key is fold_in(seed, step) (a refill's k-th extra
+draw: fold_in of that key and k). A new run may start from
 another run's checkpoint (config.model.init_from: stage 2 from stage 1, SPEC section 4): its
 params only, as the initial policy and the reference; optimizer, schedule and data are new.
 """
@@ -38,6 +40,7 @@ from searcher_jax.data.questions import (
 )
 from searcher_jax.model import hf_io, sharding
 from searcher_jax.retrieval.retriever import make_retriever
+from searcher_jax.rl import dynamic_sampling
 from searcher_jax.rl import rewards as rewards_lib
 from searcher_jax.rl import train_step as train_step_lib
 from searcher_jax.rl.batch import RolloutBatch
@@ -164,9 +167,10 @@ def build_parts(config, with_train_questions: bool = True) -> tuple[Parts, Any]:
 
 
 def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int,
-                  mesh) -> RolloutBatch:
+                  mesh, keep: np.ndarray | None = None) -> RolloutBatch:
     """Host trajectories -> the train step's batch, padded to a bucketed length, rows over
-    (data, fsdp). Every process holds the same host arrays and places its own shards."""
+    (data, fsdp). Every process holds the same host arrays and places its own shards.
+    Rows where `keep` [B] is False (prompts dynamic sampling dropped) get an empty loss mask."""
     width = sampling.attend_bucket(trajectories.tokens.shape[1], MIN_TRAIN_LEN, max_len)
 
     def place(x):
@@ -174,7 +178,8 @@ def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int,
             x = np.pad(x, ((0, 0), (0, width - x.shape[1])))
         return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
 
-    return RolloutBatch(tokens=place(trajectories.tokens), loss_mask=place(trajectories.loss_mask),
+    loss_mask = trajectories.loss_mask if keep is None else trajectories.loss_mask & keep[:, None]
+    return RolloutBatch(tokens=place(trajectories.tokens), loss_mask=place(loss_mask),
                         rewards=place(np.asarray(rewards, np.float32)),
                         sampler_logprobs=place(trajectories.sampler_logprobs))
 
@@ -357,24 +362,45 @@ def train(config) -> dict[str, Any]:
                             stop.received or "on another process", step)
             return {**last, "stopped": True}
         t0 = time.perf_counter()
-        prompt_questions = order.batch(position, train_cfg.prompts_per_step)
-        questions = expand_samples(prompt_questions, rl.samples_per_prompt)
-        # Each prompt is tokenized once, then repeated for its samples.
-        prompt_ids = expand_samples([encode(q.question) for q in prompt_questions],
-                                    rl.samples_per_prompt)
         parts.sampler.set_model(sampling.sampling_copy(nnx.merge(graphdef, state.params),
                                                        parts.mesh))
-        trajectories = rollout(parts.sampler, parts.tokenizer, parts.retriever, prompt_ids,
-                               rollout_cfg, jax.random.fold_in(base_key, step),
-                               eos_ids=parts.eos_ids)
+        step_key = jax.random.fold_in(base_key, step)
+        drawn = []  # the metrics of each draw of this step
+
+        def draw() -> dynamic_sampling.Draw:
+            """Rolls out and scores the next prompts of the data order (draw k > 0 of a step:
+            dynamic sampling's refill, with its own key)."""
+            nonlocal position
+            prompt_questions = order.batch(position, train_cfg.prompts_per_step)
+            position += train_cfg.prompts_per_step
+            questions = expand_samples(prompt_questions, rl.samples_per_prompt)
+            # Each prompt is tokenized once, then repeated for its samples.
+            prompt_ids = expand_samples([encode(q.question) for q in prompt_questions],
+                                        rl.samples_per_prompt)
+            key = jax.random.fold_in(step_key, len(drawn)) if drawn else step_key
+            trajectories = rollout(parts.sampler, parts.tokenizer, parts.retriever, prompt_ids,
+                                   rollout_cfg, key, eos_ids=parts.eos_ids)
+            rewards, reward_metrics = score(trajectories, questions, reward_cfg)
+            if rl.overlong_buffer:
+                penalty = rewards_lib.overlong_penalty(
+                    trajectories.lengths, np.array(trajectories.end_reasons) == "truncated",
+                    parts.sampler.config.max_len, rl.overlong_buffer, rl.overlong_penalty)
+                rewards = rewards + penalty
+                reward_metrics["overlong_penalty"] = float(penalty.mean())
+            drawn.append({**reward_metrics, **trajectories.metrics()})
+            return dynamic_sampling.Draw(trajectories, rewards)
+
+        filled = dynamic_sampling.fill(draw, rl.dynamic_sampling, rl.samples_per_prompt,
+                                       rl.dynamic_sampling_draws)
         t1 = time.perf_counter()
-        rewards, reward_metrics = score(trajectories, questions, reward_cfg)
-        batch = rollout_batch(trajectories, rewards, parts.sampler.config.max_len, parts.mesh)
+        batch = rollout_batch(filled.rows, filled.rewards, parts.sampler.config.max_len,
+                              parts.mesh, keep=filled.keep)
         if logprob_fn is not None:
             batch = dataclasses.replace(batch, ref_logprobs=logprob_fn(reference, batch.tokens))
         state, step_metrics = train_step(state, batch)
-        position += train_cfg.prompts_per_step
-        last["train"] = {**reward_metrics, **trajectories.metrics(), **jax.device_get(step_metrics),
+        # Rollout and reward metrics are the first draw's: the step's prompts as the data order
+        # gives them, unfiltered, so that runs with and without dynamic sampling compare.
+        last["train"] = {**drawn[0], **filled.metrics, **jax.device_get(step_metrics),
                          "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
                          "epoch": order.epoch_of(position)}
         writer.step_done(last["train"])

@@ -8,7 +8,7 @@ Every estimator follows the same three steps:
      may end inside a document block: the reward goes on the last token the
      policy wrote, not the last token of the row);
   3. returns = reverse cumulative sum over the whole row (gamma 1), then,
-     for all but grpo, whitening over the loss-mask tokens of the batch.
+     for all but grpo and dr_grpo, whitening over the loss-mask tokens of the batch.
 The loss mask weights the KL and the whitening statistics only: it never
 zeroes the running return, so a document block inside a response leaves
 the returns before and after it as they would be without the block.
@@ -64,10 +64,17 @@ def _shifted_groups(rewards, n: int):
     the groups that are equal up to rounding, whatever the platform's summation order.
     """
     groups = _groups(rewards, n)
-    tied = _equal_up_to_rounding(groups.max(axis=1, keepdims=True),
-                                 groups.min(axis=1, keepdims=True),
-                                 jnp.abs(groups).max(axis=1, keepdims=True))
-    return groups - groups[:, :1], tied
+    return groups - groups[:, :1], tied_groups(rewards, n)[:, None]
+
+
+def tied_groups(rewards, n: int):
+    """[B] -> [B / n] bool: whether each prompt's group of n rewards is equal up to rounding
+    (TIE_RTOL), so that every group-relative estimator gives it zero advantage: the group
+    carries no signal (dynamic_sampling.py drops such prompts). Raises ValueError when B is
+    not whole groups."""
+    groups = _groups(rewards, n)
+    return _equal_up_to_rounding(groups.max(axis=1), groups.min(axis=1),
+                                 jnp.abs(groups).max(axis=1))
 
 
 def no_baseline(rewards, n: int):
@@ -94,6 +101,16 @@ def group_normalize(rewards, n: int):
     return jnp.where(tied, 0.0, deviation / (std + GRPO_STD_EPS)).reshape(-1)
 
 
+def group_mean_unscaled(rewards, n: int):
+    """dr_grpo: [B] r - mean of its prompt's group of n, no division by the group's std and no
+    whitening (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783, section 3.1: the std division
+    weights too easy and too hard questions up); 0 for a tied group. The same shaping as
+    reinforce_baseline, without the batch whitening. Its loss drops the per-row length
+    normalisation too: RLConfig's aggregation defaults to seq_sum_batch_mean for it. Needs
+    n >= 2; raises ValueError when B is not whole groups."""
+    return group_mean_baseline(rewards, n)
+
+
 def leave_one_out_baseline(rewards, n: int):
     """rloo: [B] r - mean of the other n - 1 rewards of its group (Kool et al. 2019; Ahmadian
     et al. 2024); 0 for a tied group. Needs n >= 2; raises ValueError when B is not whole groups."""
@@ -106,13 +123,21 @@ def leave_one_out_baseline(rewards, n: int):
 class Estimator:
     shape_rewards: Callable  # (rewards [B], n) -> shaped rewards [B]
     whiten: bool
+    # Its shaped reward is relative to the prompt's group (a tied group shapes to 0), and a
+    # group statistic needs n >= 2 samples (reinforce_baseline, the released recipe, allows 1).
+    group_relative: bool = True
+    min_samples: int = 2
+    # The loss aggregation its paper pairs it with (RLConfig.aggregation=None takes it); None:
+    # the policy loss's.
+    aggregation: str | None = None
 
 
 ESTIMATORS: dict[str, Estimator] = {
-    "reinforce_pp": Estimator(no_baseline, whiten=True),
-    "reinforce_baseline": Estimator(group_mean_baseline, whiten=True),
+    "reinforce_pp": Estimator(no_baseline, whiten=True, group_relative=False, min_samples=1),
+    "reinforce_baseline": Estimator(group_mean_baseline, whiten=True, min_samples=1),
     "grpo": Estimator(group_normalize, whiten=False),
     "rloo": Estimator(leave_one_out_baseline, whiten=True),
+    "dr_grpo": Estimator(group_mean_unscaled, whiten=False, aggregation="seq_sum_batch_mean"),
 }
 
 

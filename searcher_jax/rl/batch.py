@@ -6,7 +6,8 @@ Layout (B = prompts * samples_per_prompt rows, the samples of one prompt contigu
                           documents or padding); column 0 is never scored
   rewards [B] float32     the scalar reward of each row
   ref_logprobs [B, T]     reference log-probs (logprobs.py alignment); only when kl_coef > 0
-  sampler_logprobs [B, T] the sampler's own log-probs of its tokens; optional, a check only
+  sampler_logprobs [B, T] the sampler's own log-probs of its tokens: the mismatch metric, and
+                          the truncated importance weight when tis_cap is set
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def check_batch(batch: RolloutBatch, config: RLConfig):
     if config.uses_reference and batch.ref_logprobs is None:
         raise ValueError(f"kl_coef={config.kl_coef} needs RolloutBatch.ref_logprobs "
                          f"(reference log-probs from logprobs.policy_logprobs)")
+    if config.tis_cap is not None and batch.sampler_logprobs is None:
+        raise ValueError(f"tis_cap={config.tis_cap} needs RolloutBatch.sampler_logprobs (the "
+                         f"sampler's log-probs of its tokens)")
     config.steps_per_batch(b)
 
 

@@ -9,12 +9,16 @@ prompt, with the inserted document blocks). A config names the recipe:
   the two 0.5 terms above.
 - `answer` (stage 2): the answer metric (F1 by default) if the format is
   well-formed, else `format_penalty` (-2 Qwen, -1 Llama).
+
+RLConfig.overlong_buffer adds DAPO's length shaping to any recipe (overlong_penalty).
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 from typing import Callable, Sequence
+
+import numpy as np
 
 from searcher_jax.data.prompts import BEGIN_DOCUMENTS as BEGIN_DOCS
 from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY
@@ -112,3 +116,29 @@ RECIPES = {
     "retrieval_format": _retrieval_format_reward,
     "cem_retrieval_format": _cem_retrieval_format_reward,
 }
+
+
+def overlong_penalty(lengths, truncated, max_len: int, buffer: int,
+                     penalty: float = 1.0) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), added to the
+    reward: [B] float32 values in [-penalty, 0].
+
+    With L_max the length limit and L_cache = buffer, a response of |y| tokens gets
+      0                                   if |y| <= L_max - L_cache,
+      ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max,
+      -1                                  if it hit the limit (a truncated row),
+    times `penalty`. Here the limit is the sampler's row buffer (max_len tokens, shared by the
+    prompt, the response and its documents), so the ramp runs over the last `buffer` tokens of
+    room a row had left: min(1, (buffer - (max_len - length)) / buffer), clipped at 0.
+    Defaults as DAPO's: buffer 4096 (of 20480), penalty 1.
+
+    Args:
+      lengths: [B] tokens each row holds (prompt + response, Trajectories.lengths).
+      truncated: [B] bool, the rows that ended at the limit (end reason "truncated").
+    """
+    if buffer < 1:
+        raise ValueError(f"overlong buffer must be >= 1 token, got {buffer}")
+    room = max_len - np.asarray(lengths, np.float64)
+    ramp = np.clip((buffer - room) / buffer, 0.0, 1.0)
+    ramp = np.where(np.asarray(truncated, bool), 1.0, ramp)
+    return (-penalty * ramp).astype(np.float32)

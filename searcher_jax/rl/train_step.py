@@ -118,8 +118,9 @@ def micro_batch_loss(params, graphdef, micro: dict, normalizer: losses.Normalize
     """Loss share and metrics of one micro-batch (arrays [m, T] in `micro`)."""
     logp, entropy = policy_logprobs(graphdef, params, micro["tokens"], config.logprob_chunk)
     old_logp = jnp.where(old_is_current, jax.lax.stop_gradient(logp), micro["old_logp"])
-    return losses.policy_objective(logp, old_logp, micro["advantages"], micro["loss_mask"], config,
-                                   normalizer, ref_logp=micro.get("ref_logp"), entropy=entropy)
+    return losses.policy_objective(logp, old_logp, micro["advantages"], micro["loss_mask"],
+                                   config.loss, normalizer, ref_logp=micro.get("ref_logp"),
+                                   entropy=entropy, sampler_logp=micro.get("sampler_logp"))
 
 
 def accumulate_gradients(params, graphdef, micro_batches: dict, config: RLConfig,
@@ -128,7 +129,7 @@ def accumulate_gradients(params, graphdef, micro_batches: dict, config: RLConfig
 
     Args:
       micro_batches: arrays [num_micro, m, T] (tokens, loss_mask, advantages,
-        old_logp, optionally ref_logp).
+        old_logp, optionally ref_logp and sampler_logp).
       old_is_current: True when params are the rollout params (see module doc).
       grad_shardings: the params' shardings, to keep the accumulator laid out like them.
     Returns:
@@ -160,10 +161,13 @@ def accumulate_gradients(params, graphdef, micro_batches: dict, config: RLConfig
 # --- Rollout-batch preparation ---------------------------------------------------------------
 
 def _masked_stats(prefix: str, x, mask):
+    """Mean, std, min and max over the mask's tokens; all 0 when it has none (a batch whose
+    every prompt dynamic sampling dropped)."""
     mean, var = adv_lib.masked_mean_var(x, mask)
+    any_token = mask.any()
     return {f"{prefix}_mean": mean, f"{prefix}_std": jnp.sqrt(var),
-            f"{prefix}_min": jnp.min(jnp.where(mask, x, jnp.inf)),
-            f"{prefix}_max": jnp.max(jnp.where(mask, x, -jnp.inf))}
+            f"{prefix}_min": jnp.where(any_token, jnp.min(jnp.where(mask, x, jnp.inf)), 0.0),
+            f"{prefix}_max": jnp.where(any_token, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)}
 
 
 def _rollout_metrics(batch: RolloutBatch, loss_mask, old_logp, advantages, returns, config):
@@ -175,7 +179,9 @@ def _rollout_metrics(batch: RolloutBatch, loss_mask, old_logp, advantages, retur
         ref_kl = kl_lib.token_kl(old_logp, batch.ref_logprobs, config.kl_estimator)
         metrics["ref_kl_mean"] = adv_lib.masked_mean_var(ref_kl, loss_mask)[0]
     if batch.sampler_logprobs is not None:
-        # The sampler's kernels differ from the training forward; a large gap flags a bug.
+        # The sampler/trainer mismatch, every step: the sampler's kernels (a bf16 copy, a KV-cached
+        # decode) differ from the training forward. A large gap flags a bug, or calls for
+        # config.tis_cap (truncated importance sampling).
         gap = jnp.abs(batch.sampler_logprobs - old_logp)
         metrics["sampler_logp_abs_diff_mean"] = adv_lib.masked_mean_var(gap, loss_mask)[0]
         metrics["sampler_logp_abs_diff_max"] = jnp.max(jnp.where(loss_mask, gap, 0.0))
@@ -225,6 +231,8 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
                     "advantages": split(advantages), "old_logp": split(old_logp)}
         if config.uses_reference and config.kl_in == "loss":
             per_step["ref_logp"] = split(batch.ref_logprobs)
+        if config.tis_cap is not None:
+            per_step["sampler_logp"] = split(batch.sampler_logprobs)
         is_first = jnp.arange(num_mini) == 0
 
         def optimizer_step(carry: TrainState, inputs):

@@ -32,7 +32,7 @@ def shaped_rewards(estimator: str, rewards, n: int) -> np.ndarray:
         for r in group:
             if estimator == "reinforce_pp":
                 out.append(float(r))
-            elif estimator == "reinforce_baseline":
+            elif estimator in ("reinforce_baseline", "dr_grpo"):  # dr_grpo: no std division
                 out.append(float(r - mean))
             elif estimator == "rloo":
                 out.append(float(r - (sum(group) - r) / (n - 1)))
@@ -74,6 +74,7 @@ def whiten(x, mask) -> np.ndarray:
 
 def advantages(estimator: str, rewards, mask, n: int, kl_tokens=None,
                kl_coef: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(advantages, returns) [B, T] float64: grpo unwhitened, every other estimator whitened."""
+    """(advantages, returns) [B, T] float64: grpo and dr_grpo unwhitened, every other estimator
+    whitened."""
     ret = returns(shaped_rewards(estimator, rewards, n), mask, kl_tokens, kl_coef)
-    return (ret if estimator == "grpo" else whiten(ret, mask)), ret
+    return (ret if estimator in ("grpo", "dr_grpo") else whiten(ret, mask)), ret

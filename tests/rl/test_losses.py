@@ -14,24 +14,23 @@ from searcher_jax.rl.logprobs import policy_logprobs
 
 
 def test_losses_does_not_import_config():
-    """config.py imports losses.py (to check policy_loss); the reverse, even for type checking
-    only, would close an import cycle. RLConfig has every field of the losses' LossConfig."""
+    """config.py imports losses.py (its registries); the reverse, even for type checking only,
+    would close an import cycle. The losses read their own LossConfig, which RLConfig.loss
+    builds with every unset choice resolved."""
     tree = ast.parse(inspect.getsource(losses))
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)} | {
         alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
         for alias in node.names}
     assert not any(name and name.endswith("config") for name in imported), imported
-    fields = set(losses.LossConfig.__annotations__) | {
-        name for name, value in vars(losses.LossConfig).items() if isinstance(value, property)}
-    assert fields >= {"clip_eps_low", "clip_high", "uses_reference"}
-    config = RLConfig()
-    assert all(hasattr(config, name) for name in fields), fields - set(dir(config))
+    assert RLConfig().loss == losses.LossConfig(
+        policy_loss="ppo", clip_eps_low=0.2, clip_eps_high=0.2, aggregation="seq_mean_batch_mean")
 
 
 def _token_loss_grad(config, ratio, advantage):
     """d(per-token loss)/d(logp) at one token with the given ratio and advantage."""
     def loss(logp):
-        return losses.ppo_clipped(logp, jnp.zeros(()), jnp.asarray(advantage), config).loss
+        return losses.ppo_clipped(logp, jnp.zeros(()), jnp.asarray(advantage), jnp.ones(()),
+                                  config.loss).loss
     return float(jax.grad(loss)(jnp.log(jnp.asarray(ratio, jnp.float32))))
 
 
@@ -45,7 +44,7 @@ def test_clipped_surrogate_is_flat_outside_the_clip_range():
     for ratio, adv in ((1.0, 1.5), (1.25, 1.5), (0.85, -1.5), (0.5, 1.5), (1.5, -1.5)):
         np.testing.assert_allclose(_token_loss_grad(config, ratio, adv), -adv * ratio, rtol=1e-5)
     out = losses.ppo_clipped(jnp.log(jnp.asarray([1.3, 1.25, 0.7])), jnp.zeros(3),
-                             jnp.asarray([1.0, 1.0, -1.0]), config)
+                             jnp.asarray([1.0, 1.0, -1.0]), jnp.ones(3), config.loss)
     np.testing.assert_array_equal(np.asarray(out.clipped), [1.0, 0.0, 1.0])
 
 
@@ -53,7 +52,7 @@ def test_dual_clip_bounds_negative_advantage_loss():
     config = RLConfig(dual_clip=3.0)
     adv = -2.0
     out = losses.ppo_clipped(jnp.log(jnp.asarray([5.0, 2.0])), jnp.zeros(2),
-                             jnp.asarray([adv, adv]), config)
+                             jnp.asarray([adv, adv]), jnp.ones(2), config.loss)
     np.testing.assert_allclose(np.asarray(out.loss), [3.0 * 2.0, 2.0 * 2.0], rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(out.clipped), [1.0, 0.0])
     assert _token_loss_grad(config, 5.0, adv) == 0.0
@@ -127,7 +126,7 @@ def test_loss_gradient_matches_finite_differences(model):
 
     def loss(p):
         logp, entropy = policy_logprobs(graphdef, p, tokens, 4)
-        return jnp.stack([losses.policy_objective(logp, old, adv, mask, c, normalizer,
+        return jnp.stack([losses.policy_objective(logp, old, adv, mask, c.loss, normalizer,
                                                   ref_logp=ref, entropy=entropy)[0]
                           for c in configs])
 

@@ -88,7 +88,7 @@ def _reference_run(graphdef, params, tokens, mask, rewards, ref_logp, config: RL
         rows = np.arange(ROWS) % num_mini == step  # rows strided over mini-batches
         current = treedef.unflatten([jnp.asarray(x, jnp.float32) for x in theta])
         grads = _reference_grad(graphdef, current, tokens[rows], old[rows],
-                        adv[rows].astype(np.float32), mask[rows], config.clip_eps_low)
+                        adv[rows].astype(np.float32), mask[rows], config.loss.clip_eps_low)
         grads = [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
         norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
         norms.append(norm)
