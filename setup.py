@@ -25,6 +25,10 @@ INSTALL_REQUIRES = [
     # TensorBoard event files of a run's metrics, without TensorFlow.
     "tensorboardX>=2.6",
     "etils[epath]>=1.7.0",
+    # The LLM judge's and the online search backend's HTTP client (pooled sessions, timeouts),
+    # and urllib3's Retry for their bounded retries (llm_client.py, retrieval/web.py).
+    "requests>=2.31",
+    "urllib3>=2.0",
 ]
 
 EXTRAS = {

@@ -2,11 +2,15 @@
 
 A trajectory that never answers predicts "I don't know.", and a prediction is
 the unstripped answer span, both as the released evaluation did (so its
-published numbers recompute exactly from its traces). Questions go through
-the rollout in fixed-size batches (the last one padded with repeats that are
-then dropped), so a whole set compiles the sampler's programs once. The
-rollout config is the run config's `eval_rollout` (9 retrievals, top 5 in
-configs/base.py).
+published numbers recompute exactly from its traces). The answer span is read
+from the text the policy wrote, never from a document block the environment
+inserted (a passage that holds "<answer>...</answer>" is not the policy's
+answer): `policy_text` keeps the tokens the policy sampled (the rollout's loss
+mask), `strip_environment_text` drops the document blocks of a stored trace.
+Questions go through the rollout in fixed-size batches (the last one padded
+with repeats that are then dropped), so a whole set compiles the sampler's
+programs once. The rollout config is the run config's `eval_rollout` (9
+retrievals, top 5 in configs/base.py).
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from searcher_jax.data.prompts import BEGIN_DOCUMENTS, END_DOCUMENTS
 from searcher_jax.data.questions import Question
 from searcher_jax.rl import metrics, rewards
-from searcher_jax.rollout import RolloutConfig, Searcher, Tokenizer, rollout
+from searcher_jax.rollout import RolloutConfig, Searcher, Tokenizer, Trajectories, rollout
 from searcher_jax.sampling.sampler import Sampler
 
 NO_ANSWER = "I don't know."
@@ -40,9 +45,45 @@ class Record:
     format_ok: bool
 
 
+def strip_environment_text(response: str) -> str:
+    """A stored response without its document blocks (`<|begin_of_documents|>` up to the
+    next `<|end_of_documents|>`, both tags included): the text the policy wrote, as far as a
+    trace without token masks can tell. A block left open runs to the end of the text."""
+    out, start = [], 0
+    while True:
+        begin = response.find(BEGIN_DOCUMENTS, start)
+        if begin < 0:
+            out.append(response[start:])
+            return "".join(out)
+        out.append(response[start:begin])
+        end = response.find(END_DOCUMENTS, begin)
+        if end < 0:
+            return "".join(out)
+        start = end + len(END_DOCUMENTS)
+
+
+def policy_text(trajectories: Trajectories, row: int, tokenizer: Tokenizer) -> str:
+    """The text row `row` sampled: each run of loss-mask tokens decoded, runs joined, without
+    the end-of-sequence id of a row that ended with one (the rollout's responses drop it too).
+    Inserted document blocks are not in the loss mask, so they are not in this text."""
+    mask = trajectories.loss_mask[row].copy()
+    if trajectories.end_reasons[row] == "eos":
+        sampled = np.flatnonzero(mask)
+        if sampled.size:
+            mask[sampled[-1]] = False
+    tokens = trajectories.tokens[row]
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return "".join(tokenizer.decode(tokens[start:end].tolist())
+                   for start, end in zip(edges[::2], edges[1::2]))
+
+
 def score_record(question: Question, response: str, queries: Sequence[str], end_reason: str,
-                 reward_config: rewards.RewardConfig) -> Record:
-    answer = metrics.answer_span(response)
+                 reward_config: rewards.RewardConfig, written: str | None = None) -> Record:
+    """One question's record. written: the text the policy wrote (`policy_text`); None: the
+    response less its document blocks (`strip_environment_text`). The prediction is read from
+    that text only; format_ok is the reward's format check of the whole response."""
+    written = strip_environment_text(response) if written is None else written
+    answer = metrics.answer_span(written)
     prediction = NO_ANSWER if answer is None else answer
     return Record(id=question.id, question=question.question, answer=question.answers,
                   pred_ans=prediction, gen_text_store=response, queries=tuple(queries),
@@ -50,6 +91,16 @@ def score_record(question: Question, response: str, queries: Sequence[str], end_
                   cem=metrics.cover_exact_match(prediction, question.answers),
                   f1=metrics.f1_score(prediction, question.answers),
                   format_ok=rewards.score(response, question.answers, reward_config).format_ok)
+
+
+def score_trajectories(trajectories: Trajectories, questions: Sequence[Question],
+                       tokenizer: Tokenizer,
+                       reward_config: rewards.RewardConfig) -> list[Record]:
+    """The records of the first len(questions) rows (row b answers questions[b])."""
+    return [score_record(question, trajectories.responses[b], trajectories.queries[b],
+                         trajectories.end_reasons[b], reward_config,
+                         written=policy_text(trajectories, b, tokenizer))
+            for b, question in enumerate(questions)]
 
 
 def summarize(records: Sequence[Record]) -> dict[str, float]:
@@ -69,10 +120,12 @@ def evaluate(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
              questions: Sequence[Question], encode_prompt: Callable[[str], list[int]],
              batch_size: int, config: RolloutConfig, key=None,
              reward_config: rewards.RewardConfig | None = None, *,
-             eos_ids: Sequence[int]) -> list[Record]:
+             eos_ids: Sequence[int],
+             on_batch: Callable[[int], None] | None = None) -> list[Record]:
     """Records for every question (greedy when the sampler's SelectConfig is greedy).
 
     eos_ids: every id that ends a row (`hf_io.eos_token_ids`), as in training.
+    on_batch: called with the number of questions each finished batch scored (a progress bar).
     """
     key = jax.random.key(0) if key is None else key
     reward_config = reward_config or rewards.RewardConfig()
@@ -83,8 +136,7 @@ def evaluate(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
         trajectories = rollout(sampler, tokenizer, retriever,
                                [encode_prompt(q.question) for q in padded], config,
                                jax.random.fold_in(key, start), eos_ids=eos_ids)
-        for b, question in enumerate(chunk):
-            records.append(score_record(question, trajectories.responses[b],
-                                        trajectories.queries[b], trajectories.end_reasons[b],
-                                        reward_config))
+        records += score_trajectories(trajectories, chunk, tokenizer, reward_config)
+        if on_batch is not None:
+            on_batch(len(chunk))
     return records

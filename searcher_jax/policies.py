@@ -70,6 +70,7 @@ class PolicyRecord:
     record: evaluation.Record
     retrievals: int                    # searches whose documents were inserted (forced too)
     retrieved_titles: frozenset[str]   # titles of every inserted passage
+    forced: str = ""                   # the text forced after the prompt (forced_prefix)
 
 
 def forced_prefix(policy: Policy, question: str, retriever: Searcher,
@@ -90,13 +91,19 @@ def evaluate_policy(policy: Policy, sampler: Sampler, tokenizer: Tokenizer, retr
                     questions: Sequence[Question], encode_prompt: Callable[[str], list[int]],
                     batch_size: int, config: RolloutConfig,
                     reward_config: rewards.RewardConfig | None = None, *,
-                    eos_ids: Sequence[int]) -> list[PolicyRecord]:
+                    eos_ids: Sequence[int], record_titles: bool = True,
+                    on_batch: Callable[[int], None] | None = None) -> list[PolicyRecord]:
     """Every question under `policy` (greedy when the sampler is), in question order.
 
     encode_prompt: question text -> prompt ids (the run's prompt style). The forced
     prefix is tokenized after the prompt, so the model sees it as its own text.
     Searched titles of SEARCH rows come from searching the rows' queries again with
-    `config.top_k`, which gives the inserted passages for a deterministic retriever.
+    `config.top_k`, which gives the inserted passages for a deterministic retriever;
+    record_titles=False skips that second search (a benchmark that does not measure gold
+    retrieval, or a web backend whose every search costs), leaving the forced passages' only.
+    So the retriever is called: never by NAIVE, once per question by RAG, and by SEARCH
+    once per round of the rollout (plus once per searching row with record_titles).
+    on_batch: evaluation.evaluate's progress callback.
     """
     forced = [forced_prefix(policy, q.question, retriever, config.top_k) for q in questions]
     by_question = {q.question: encode_prompt(q.question)
@@ -106,14 +113,15 @@ def evaluate_policy(policy: Policy, sampler: Sampler, tokenizer: Tokenizer, retr
         config = dataclasses.replace(config, max_retrievals=0)
     records = evaluation.evaluate(sampler, tokenizer, retriever, questions, by_question.__getitem__,
                                   batch_size, config, reward_config=reward_config,
-                                  eos_ids=eos_ids)
+                                  eos_ids=eos_ids, on_batch=on_batch)
     out = []
-    for record, (_, passages) in zip(records, forced):
+    for record, (text, passages) in zip(records, forced):
         searched = ([p for hits in retriever.search(list(record.queries), config.top_k)
-                     for p in hits] if record.queries else [])
+                     for p in hits] if record.queries and record_titles else [])
         out.append(PolicyRecord(
             record=record, retrievals=(policy.kind == RAG) + len(record.queries),
-            retrieved_titles=frozenset(p.title for p in list(passages) + searched)))
+            retrieved_titles=frozenset(p.title for p in list(passages) + searched),
+            forced=text))
     return out
 
 

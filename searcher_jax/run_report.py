@@ -205,11 +205,15 @@ def plot_policies(table: Mapping[str, Mapping[str, Mapping[str, float]]], path) 
 
 
 def results_markdown(table: Mapping[str, Mapping[str, Mapping[str, float]]], title: str,
-                     notes: Sequence[str] = ()) -> str:
+                     notes: Sequence[str] = (),
+                     columns: Sequence[tuple[str, str, int]] = COLUMNS,
+                     row_heading: str = "policy", skip_missing: bool = False) -> str:
     """A markdown document: the title, the notes, then one table per group ("all" first).
 
-    Rows are policies (in the order given), columns EM, CEM, F1, retrievals per question,
-    the share answered and the share of gold passages retrieved; a missing value is "–".
+    Rows are policies (in the order given), one column per (heading, metric, decimals) of
+    `columns`: by default EM, CEM, F1, retrievals per question, the share answered and the
+    share of gold passages retrieved; a missing value is "–". skip_missing: leave out a
+    policy's row in a group it has no values for (a benchmark table: the methods run on a set).
     """
     policies, groups = _policies_and_groups(table, "results_markdown")
     if "all" in groups:
@@ -219,11 +223,13 @@ def results_markdown(table: Mapping[str, Mapping[str, Mapping[str, float]]], tit
         lines += [note, ""]
     for group in groups:
         lines += [f"## {group}", "",
-                  "| policy | " + " | ".join(heading for heading, _, _ in COLUMNS) + " |",
-                  "| --- |" + " ---: |" * len(COLUMNS)]
+                  f"| {row_heading} | " + " | ".join(heading for heading, _, _ in columns) + " |",
+                  "| --- |" + " ---: |" * len(columns)]
         for policy in policies:
+            if skip_missing and group not in table[policy]:
+                continue
             values = table[policy].get(group, {})
-            cells = [_cell(values.get(metric), decimals) for _, metric, decimals in COLUMNS]
+            cells = [_cell(values.get(metric), decimals) for _, metric, decimals in columns]
             lines.append(f"| {policy} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The one interface the rollout calls, and its backends: dense (encoder + ScaNN), BM25, HTTP.
+"""The one interface the rollout calls, and its backends: dense (encoder + ScaNN), BM25, HTTP,
+and web (online search summarised by an LLM: retrieval/web.py).
 
 An index directory (written by launch/build_index.py) holds:
   corpus/      the memory-mapped corpus store
@@ -19,7 +20,7 @@ from searcher_jax.retrieval.hits import Hit, HitRetriever, check_k
 from searcher_jax.retrieval.http_client import HttpRetriever
 from searcher_jax.retrieval.passage import Passage
 
-BACKENDS = ("dense", "bm25", "http")
+BACKENDS = ("dense", "bm25", "http", "web")
 SEARCH_ON = ("every_process", "process_0")
 
 
@@ -64,7 +65,7 @@ class BM25Retriever(HitRetriever):
 
 @dataclasses.dataclass(frozen=True)
 class RetrieverConfig:
-    backend: str = "dense"      # "dense" | "bm25" | "http"
+    backend: str = "dense"      # "dense" | "bm25" | "http" | "web"
     index_dir: str = ""         # for dense and bm25
     encoder_dir: str = ""       # dense: "" means the encoder recorded in index.json
     encoder_batch_size: int = 0  # 0: the encoder's default (16 per CPU device, 64 per accelerator)
@@ -77,6 +78,19 @@ class RetrieverConfig:
     # the index or calls the server); "process_0" searches on process 0 only and broadcasts
     # the passages, so only process 0 loads the index (retrieval/process_zero.py).
     search_on: str = "every_process"
+    # web (retrieval/web.py; timeout_s and retries above apply to each request): a search
+    # API of the Serper kind, restricted to web_site, and an OpenAI-compatible summariser.
+    # The *_key_env fields name environment variables ("" : no key); keys are never config.
+    web_search_url: str = "https://google.serper.dev/search"
+    web_search_key_env: str = "SERPER_API_KEY"
+    web_site: str = "en.wikipedia.org"
+    web_pages: int = 3          # top results fetched and summarised per query
+    web_documents: int = 1      # summaries kept per query (at most top_k)
+    web_page_chars: int = 35000
+    web_llm_url: str = ""
+    web_llm_model: str = "gpt-4o-mini"
+    web_llm_key_env: str = "OPENAI_API_KEY"
+    web_concurrency: int = 8
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -110,6 +124,14 @@ def make_backend(cfg: RetrieverConfig) -> HitRetriever:
     """The backend a config names, loaded from its index directory (or pointed at its URL)."""
     if cfg.backend == "http":
         return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s, retries=cfg.retries)
+    if cfg.backend == "web":
+        from searcher_jax.retrieval import web  # pylint: disable=import-outside-toplevel
+        return web.WebRetriever(web.WebConfig(
+            search_url=cfg.web_search_url, search_key_env=cfg.web_search_key_env,
+            site=cfg.web_site, pages=cfg.web_pages, documents=cfg.web_documents,
+            page_chars=cfg.web_page_chars, llm_url=cfg.web_llm_url, llm_model=cfg.web_llm_model,
+            llm_key_env=cfg.web_llm_key_env, timeout_s=cfg.timeout_s, retries=cfg.retries,
+            concurrency=cfg.web_concurrency))
     if not cfg.index_dir:
         raise ValueError(f"backend {cfg.backend!r} needs index_dir")
     index_dir = pathlib.Path(cfg.index_dir)
