@@ -6,7 +6,7 @@ published numbers recompute exactly from its traces). The answer span is read
 from the text the policy wrote, never from a document block the environment
 inserted (a passage that holds "<answer>...</answer>" is not the policy's
 answer): `policy_text` keeps the tokens the policy sampled (the rollout's loss
-mask), `strip_environment_text` drops the document blocks of a stored trace.
+mask), `prompts.strip_documents` drops the document blocks of a stored trace.
 Questions go through the rollout in fixed-size batches (the last one padded
 with repeats that are then dropped), so a whole set compiles the sampler's
 programs once. The rollout config is the run config's `eval_rollout` (9
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from searcher_jax.data.prompts import BEGIN_DOCUMENTS, END_DOCUMENTS
+from searcher_jax.data.prompts import strip_documents
 from searcher_jax.data.questions import Question
 from searcher_jax.rl import metrics, rewards
 from searcher_jax.rollout import RolloutConfig, Searcher, Tokenizer, Trajectories, rollout
@@ -45,23 +45,6 @@ class Record:
     format_ok: bool
 
 
-def strip_environment_text(response: str) -> str:
-    """A stored response without its document blocks (`<|begin_of_documents|>` up to the
-    next `<|end_of_documents|>`, both tags included): the text the policy wrote, as far as a
-    trace without token masks can tell. A block left open runs to the end of the text."""
-    out, start = [], 0
-    while True:
-        begin = response.find(BEGIN_DOCUMENTS, start)
-        if begin < 0:
-            out.append(response[start:])
-            return "".join(out)
-        out.append(response[start:begin])
-        end = response.find(END_DOCUMENTS, begin)
-        if end < 0:
-            return "".join(out)
-        start = end + len(END_DOCUMENTS)
-
-
 def policy_text(trajectories: Trajectories, row: int, tokenizer: Tokenizer) -> str:
     """The text row `row` sampled: each run of loss-mask tokens decoded, runs joined, without
     the end-of-sequence id of a row that ended with one (the rollout's responses drop it too).
@@ -80,9 +63,9 @@ def policy_text(trajectories: Trajectories, row: int, tokenizer: Tokenizer) -> s
 def score_record(question: Question, response: str, queries: Sequence[str], end_reason: str,
                  reward_config: rewards.RewardConfig, written: str | None = None) -> Record:
     """One question's record. written: the text the policy wrote (`policy_text`); None: the
-    response less its document blocks (`strip_environment_text`). The prediction is read from
+    response less its document blocks (`prompts.strip_documents`). The prediction is read from
     that text only; format_ok is the reward's format check of the whole response."""
-    written = strip_environment_text(response) if written is None else written
+    written = strip_documents(response) if written is None else written
     answer = metrics.answer_span(written)
     prediction = NO_ANSWER if answer is None else answer
     return Record(id=question.id, question=question.question, answer=question.answers,

@@ -92,7 +92,8 @@ def resolve_world(config):
         config.model.hf_dir = config.model.hf_dir or str(paths.model_dir)
         config.data.train_file = config.data.train_file or str(paths.train_questions)
         config.data.eval_file = config.data.eval_file or str(paths.eval_questions)
-        if not config.retriever.index_dir and config.retriever.backend != "http":
+        # A remote backend (a retrieval server, web search) has no index to point at.
+        if not config.retriever.index_dir and config.retriever.backend not in ("http", "web"):
             config.retriever.backend = "bm25"
             config.retriever.index_dir = str(paths.index_dir)
     return config

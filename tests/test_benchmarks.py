@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from searcher_jax import benchmarks, eval_tables, evaluation
+from searcher_jax.data import prompts
 from searcher_jax.data.prompts import documents_block
 from searcher_jax.data.questions import Question
 from searcher_jax.rl import rewards
@@ -118,7 +119,7 @@ def test_only_the_policys_own_text_is_scored():
     stored = evaluation.score_record(question, text[len(prompt):], ["x"], "segment_limit",
                                      rewards.RewardConfig())
     assert stored.pred_ans == evaluation.NO_ANSWER
-    assert evaluation.strip_environment_text("a<|begin_of_documents|>b<|end_of_documents|>c"
+    assert prompts.strip_documents("a<|begin_of_documents|>b<|end_of_documents|>c"
                                              "<|begin_of_documents|>open") == "ac"
 
 

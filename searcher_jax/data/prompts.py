@@ -68,6 +68,23 @@ def documents_block(rendered_passages: Sequence[str]) -> str:
 PROMPT_STYLES = ("base", "instruct")
 
 
+def strip_documents(response: str) -> str:
+    """A response without its document blocks (`<|begin_of_documents|>` up to the
+    next `<|end_of_documents|>`, both tags included): the text the policy wrote, as far as a
+    trace without token masks can tell. A block left open runs to the end of the text."""
+    out, start = [], 0
+    while True:
+        begin = response.find(BEGIN_DOCUMENTS, start)
+        if begin < 0:
+            out.append(response[start:])
+            return "".join(out)
+        out.append(response[start:begin])
+        end = response.find(END_DOCUMENTS, begin)
+        if end < 0:
+            return "".join(out)
+        start = end + len(END_DOCUMENTS)
+
+
 def prompt_ids(tokenizer, question: str, style: str) -> list[int]:
     """The token ids of a question's prompt: "base" (no chat template; the tokenizer's own
     special tokens, e.g. Llama's BOS) or "instruct" (the chat template, which already holds

@@ -23,6 +23,7 @@ import numpy as np
 from searcher_jax.data.prompts import BEGIN_DOCUMENTS as BEGIN_DOCS
 from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY
 from searcher_jax.data.prompts import END_DOCUMENTS as END_DOCS
+from searcher_jax.data import prompts
 from searcher_jax.rl import metrics
 _RETRIEVAL_MARKERS = (BEGIN_DOCS + "\n", END_DOCS + "\n\n", BEGIN_QUERY, END_QUERY, BEGIN_DOCS,
                       END_DOCS, BEGIN_DOCS + "\n(1)")
@@ -82,10 +83,11 @@ def answer_format_ok(response: str, config: RewardConfig) -> bool:
 
 
 def score(response: str, golds: str | Sequence[str], config: RewardConfig) -> RewardResult:
-    """The reward of one response against its gold answers, with its parts."""
+    """The reward of one response against its gold answers, with its parts. The answer is
+    read from what the policy wrote: a passage that holds `<answer>` tags is not an answer."""
     retrieval_ok, num_retrievals = retrieval_counts_equal(response)
     format_ok = retrieval_ok and answer_format_ok(response, config)
-    answer = metrics.extract_answer(response)
+    answer = metrics.extract_answer(prompts.strip_documents(response))
     prediction = answer if answer is not None else ""
     parts = dict(f1=metrics.f1_score(prediction, golds), em=metrics.exact_match(prediction, golds),
                  cem=metrics.cover_exact_match(prediction, golds))

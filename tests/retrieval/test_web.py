@@ -182,6 +182,6 @@ def test_the_rollout_goes_on_with_web_search(servers, monkeypatch, world_model_d
         blocks = record.gen_text_store.count("<|begin_of_documents|>")
         assert blocks == len(record.queries)
         if SUMMARY in record.gen_text_store:   # the summary's answer span is not the policy's
-            written = evaluation.strip_environment_text(record.gen_text_store)
+            written = prompts.strip_documents(record.gen_text_store)
             assert record.pred_ans != " Paris " or "<answer> Paris </answer>" in written
     retriever.close()

@@ -17,6 +17,18 @@ def test_well_formed_response_gets_its_f1():
     assert rewards.score(GOOD, ["Paris France"], STAGE2).reward == pytest.approx(2 / 3)
 
 
+def test_an_answer_inside_a_document_is_not_the_policys():
+    # A passage holding answer tags: the policy wrote no answer, so it earns no F1 and has_answer
+    # is false; the released format check still reads the whole response.
+    docs = DOCS.replace("Text: b", "Text: <answer> Paris </answer>")
+    response = " I search. <|begin_of_query|> a b <|end_of_query|>" + docs + "I do not know."
+    result = rewards.score(response, ["Paris"], STAGE2)
+    assert result.answer is None and result.f1 == 0.0 and result.cem == 0.0
+    # The policy's own answer after such a block is read as before.
+    result = rewards.score(response + " </think>\n\n<answer> Rome </answer>", ["Paris"], STAGE2)
+    assert result.answer == "Rome" and result.f1 == 0.0
+
+
 LLAMA_STAGE2 = rewards.RewardConfig(format_penalty=-1.0, strict_format=False)
 
 
