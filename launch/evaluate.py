@@ -9,7 +9,8 @@ ACC_L, retrievals per question, answered share; or the same table from existing 
         --out=runs/eval/qwen
     # some sets only, or any question file (NAME=FILE or FILE)
     python launch/evaluate.py --config=configs/eval.py ... --sets=bamboogle,mine=q.jsonl
-    # the table from records, no model: ours (a run's --out) or the authors' released traces
+    # the table from records, no model: ours (a run's --out) or the authors' released traces;
+    # written to runs/eval_from_traces unless --out is given (never over a run's results)
     python launch/evaluate.py --from_traces=../shared/reference/r1searcher/eval_results
     # the demo's world (no --config): its held-out questions, the world's base model
     python launch/evaluate.py --method=naive,rag,search --out=runs/eval/world
@@ -17,8 +18,10 @@ ACC_L, retrievals per question, answered share; or the same table from existing 
 Writes <out>/records/<set>.<method>.jsonl (one line per question, the released traces' field
 names), <out>/results.md and <out>/results.json (the table under a header that pins the setup:
 model, decoding, retriever, top-k, retrieval limit, each set's file, corpus and index, the
-judge), and with a judge <out>/judge_cache.jsonl (a rerun asks nothing twice). The judge's API
-key is read from the environment variable --judge_key_env names and is written nowhere.
+judge; with the web backend, its counts of queries, pages, failures and timeouts), and with a
+judge <out>/judge_cache.jsonl (a rerun asks nothing twice). The judge's API key is read from
+the environment variable --judge_key_env names and is written nowhere; a key the endpoint
+refuses (401/403) stops the run at once.
 With --config.model.init_from=<a run's workdir> the params are that run's latest checkpoint.
 """
 import logging
@@ -26,7 +29,10 @@ import logging
 import cli  # the --config flag; puts the repository root on sys.path
 from absl import app, flags
 
-flags.DEFINE_string("out", "runs/eval", "directory for records/, results.md, results.json")
+DEFAULT_OUT, FROM_TRACES_OUT = "runs/eval", "runs/eval_from_traces"
+flags.DEFINE_string("out", "", "directory for records/, results.md, results.json (default "
+                    f"{DEFAULT_OUT}; with --from_traces {FROM_TRACES_OUT}, so that a table "
+                    "recomputed from records never overwrites an evaluation's results)")
 flags.DEFINE_string("sets", "", "comma-separated sets: keys of config.eval.sets, NAME=FILE or "
                     "FILE (default: every configured set, else config.data.eval_file)")
 flags.DEFINE_string("method", "", "comma-separated methods: naive, rag, search "
@@ -84,8 +90,9 @@ def main(argv):
     f = flags.FLAGS
     cli.quiet_logging()
     if f.from_traces:
-        from_traces(f.from_traces, f.out)
+        from_traces(f.from_traces, f.out or FROM_TRACES_OUT)
         return
+    out = f.out or DEFAULT_OUT
     # pylint: disable=import-outside-toplevel
     import jax
     from flax import nnx
@@ -108,14 +115,16 @@ def main(argv):
                                                             parts.mesh))
         logging.warning("evaluating the params of %s", step_dir)
     batch_size = f.batch_size or config.train.eval_batch_size
+    retriever_for = benchmarks.set_retrievers(config, parts.retriever)
     table, judge_counts = benchmarks.evaluate_sets(
-        parts, config, sets, methods, f.out, batch_size=batch_size, limit=f.limit,
-        judge=verdicts, progress=f.progress)
+        parts, config, sets, methods, out, batch_size=batch_size, limit=f.limit,
+        judge=verdicts, retriever_for=retriever_for, progress=f.progress)
     counts = {s.name: int(next(iter(table.values()))[s.name]["questions"]) for s in sets}
     notes = benchmarks.setup_notes(config, sets, methods, cfg.describe(), counts)
     if jax.process_index() == 0:
-        records = [benchmarks.records_path(f.out, s.name, m) for s in sets for m in methods]
-        print(eval_tables.write_results(f.out, table, "Evaluation", notes, records=records,
+        records = [benchmarks.records_path(out, s.name, m) for s in sets for m in methods]
+        print(eval_tables.write_results(out, table, "Evaluation", notes, records=records,
+                                        retrieval_stats=retriever_for.stats() or None,
                                         judge_counts=judge_counts))
 
 

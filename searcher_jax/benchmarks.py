@@ -12,7 +12,7 @@ Methods are policies.py's policies, one implementation for the demo's comparison
     search  the prompt alone: the policy searches as it learned to.
 
 Every method runs the same model, prompt style, sampler (greedy) and rollout config
-(`eval_rollout`: 9 retrievals, top 5 in configs/eval.py). Per set and method the records go to
+(`eval_rollout`: 9 retrievals, top 5 in configs/base.py). Per set and method the records go to
 `<out>/records/<set>.<method>.jsonl` (evaluation.Record's fields, in the released traces' names,
 plus set, method, retrievals and the judge's verdict), and the run's table, computed from those
 rows by eval_tables (so `--from_traces <out>` recomputes it), to `<out>/results.md` and
@@ -234,19 +234,42 @@ def records_path(out_dir, set_name: str, method: str) -> epath.Path:
     return epath.Path(out_dir) / eval_tables.RECORDS_DIR / f"{set_name}.{method}.jsonl"
 
 
-def set_retrievers(config, default) -> Callable[[EvalSet], Any]:
+class SetRetrievers:
     """EvalSet -> its retriever: `default` (the run's), or one built for the set's own
-    index_dir (once per directory)."""
-    base = run_config.retriever_config(config)
-    built = {base.index_dir: default}
+    index_dir (once per directory); `stats()` sums the counts the retrievers keep."""
 
-    def retriever_for(eval_set: EvalSet):
-        index_dir = eval_set.index_dir or base.index_dir
-        if index_dir not in built:
-            built[index_dir] = retriever_lib.make_retriever(
-                dataclasses.replace(base, index_dir=index_dir))
-        return built[index_dir]
-    return retriever_for
+    def __init__(self, config, default):
+        self._base = run_config.retriever_config(config)
+        self.built = {self._base.index_dir: default}
+
+    def __call__(self, eval_set: EvalSet):
+        index_dir = eval_set.index_dir or self._base.index_dir
+        if index_dir not in self.built:
+            self.built[index_dir] = retriever_lib.make_retriever(
+                dataclasses.replace(self._base, index_dir=index_dir))
+        return self.built[index_dir]
+
+    def stats(self) -> dict[str, int]:
+        """`retrieval_stats` of the retrievers built so far."""
+        return retrieval_stats(self.built.values())
+
+
+def retrieval_stats(retrievers) -> dict[str, int]:
+    """The counts of the retrievers that keep some (the web backend's `stats`: queries, pages,
+    summaries, failures, timeouts, deadline_exceeded), summed; {} when none does. A process-0
+    retriever's are its backend's (on process 0; none on the others)."""
+    total: dict[str, int] = {}
+    for retriever in retrievers:
+        backend = getattr(retriever, "inner", retriever)
+        for name, count in (getattr(backend, "stats", None) or {}).items():
+            total[name] = total.get(name, 0) + int(count)
+    return total
+
+
+def set_retrievers(config, default) -> SetRetrievers:
+    """EvalSet -> its retriever (SetRetrievers): `default` (the run's), or one built for the
+    set's own index_dir (once per directory)."""
+    return SetRetrievers(config, default)
 
 
 def evaluate_sets(parts: trainer.Parts, config, sets: Sequence[EvalSet], methods: Sequence[str],

@@ -10,8 +10,10 @@ Rollouts come from a row's stored reference rollouts where it has them (stage_1.
 `pred_anses`: 10 predicted answers per question), else they are sampled with a policy
 (`sample_predictions`: the training sampler and rollout, n per question). A rollout is correct
 when its prediction scores 1 under the chosen metric (CEM, the paper's ACC_R, by default; or
-EM; or F1 at a threshold). Each labelled row keeps its predictions as `pred_anses`, so a
-labels file can be read back and relabelled without a model.
+EM; or F1 at a threshold); a rollout that gave no answer (its prediction is evaluation's
+"I don't know." placeholder, or empty) is wrong, whatever the golds. Each labelled row
+keeps its predictions as `pred_anses`, so a labels file can be read back and relabelled
+without a model.
 """
 from __future__ import annotations
 
@@ -110,6 +112,11 @@ def read_source(source: Source) -> list[tuple[Question, list[str] | None]]:
 
 
 def correct(prediction: str, golds: Sequence[str], config: DifficultyConfig) -> bool:
+    """Whether one rollout's prediction answers the question. A rollout with no answer (the
+    evaluation's NO_ANSWER placeholder, or an empty prediction) is wrong: the placeholder is not
+    scored as text (it would cover a gold such as "know")."""
+    if prediction == evaluation.NO_ANSWER or not prediction.strip():
+        return False
     if config.metric == "em":
         return metrics.exact_match(prediction, golds) == 1.0
     if config.metric == "f1":

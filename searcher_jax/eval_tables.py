@@ -12,8 +12,11 @@ field names:
     set, method                                                ours; else the file's stem, "trace"
 
 EM, CEM (the paper's ACC_R) and F1 are recomputed from pred_ans and the golds
-(rl/metrics.py), never read from the row; ACC_L is the share of judged rows the judge called
-correct, with malformed and failed verdicts counted beside it.
+(rl/metrics.py), never read from the row; ACC_L is the share of judged rows (those with a
+true or false verdict) the judge called correct: rows whose verdict is malformed, failed or
+absent are left out of its denominator, not counted wrong, and every table says so: the
+per-set table's judged / malformed / failed columns, and in the paper-style table a cell's
+"(judged n/N)" whenever n is short of its N questions.
 """
 from __future__ import annotations
 
@@ -179,7 +182,11 @@ def table_of(groups: Mapping[tuple[str, str], Sequence[Mapping]]
 
 
 def paper_markdown(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """The paper's layout: a row per method, a column per set, cells "ACC_R / ACC_L"."""
+    """The paper's layout: a row per method, a column per set, cells "ACC_R / ACC_L".
+
+    ACC_L is over the judged rows only (malformed, failed and unjudged verdicts are left out
+    of its denominator, not counted wrong); a cell where fewer than all of the set's questions
+    were judged says so: "0.654 / 0.750 (judged 498/500)"."""
     sets = list(dict.fromkeys(s for by_set in table.values() for s in by_set))
     lines = ["| method | " + " | ".join(sets) + " |", "| --- |" + " ---: |" * len(sets)]
     for method, by_set in table.items():
@@ -189,9 +196,13 @@ def paper_markdown(table: Mapping[str, Mapping[str, Mapping[str, float]]]) -> st
             if summary is None:
                 cells.append(run_report.MISSING)
                 continue
-            judged = summary.get("judge")
-            cells.append(f"{summary['cem']:.3f} / "
-                         + (run_report.MISSING if judged is None else f"{judged:.3f}"))
+            acc_l = summary.get("judge")
+            cell = f"{summary['cem']:.3f} / " + (run_report.MISSING if acc_l is None
+                                                 else f"{acc_l:.3f}")
+            judged, questions = int(summary.get("judged", 0)), int(summary["questions"])
+            if acc_l is not None and judged < questions:
+                cell += f" (judged {judged}/{questions})"
+            cells.append(cell)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -207,12 +218,26 @@ def results_markdown(table, title: str, notes: Sequence[str]) -> str:
                                        row_heading="method", skip_missing=True)
 
 
+def retrieval_stats_line(stats: Mapping[str, int]) -> str:
+    """One header line of a retriever's counts (the web backend's queries, pages, failures,
+    timeouts): what the searches met, beside the numbers they gave."""
+    return ("retrieval counts (failures and timeouts give a query fewer documents, never stop "
+            "the run): " + ", ".join(f"{name} {int(count)}" for name, count in stats.items()))
+
+
 def write_results(out_dir, table, title: str, setup: Sequence[str],
-                  records: Sequence[str] = (), **extra) -> str:
-    """results.md and results.json ({"title", "setup", "records", "table", **extra}) in
-    out_dir; returns the markdown. setup: the header's lines (what decided the numbers);
-    records: the record files the table was computed from (listed under the setup)."""
+                  records: Sequence[str] = (), retrieval_stats: Mapping[str, int] | None = None,
+                  **extra) -> str:
+    """results.md and results.json ({"title", "setup", "records", "table", **extra}, and
+    "retrieval_stats" when given) in out_dir; returns the markdown. setup: the header's lines
+    (what decided the numbers); records: the record files the table was computed from (listed
+    under the setup); retrieval_stats: the retriever's counts (web.WebRetriever.stats), a
+    header line of results.md, kept apart from the setup (a table recomputed from the records
+    does not carry them)."""
     notes = list(setup) + (["records: " + ", ".join(map(str, records))] if records else [])
+    if retrieval_stats:
+        notes.append(retrieval_stats_line(retrieval_stats))
+        extra = {**extra, "retrieval_stats": dict(retrieval_stats)}
     markdown = results_markdown(table, title, notes)
     out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,9 @@ def score_record(question: Question, response: str, queries: Sequence[str], end_
                  reward_config: rewards.RewardConfig, written: str | None = None) -> Record:
     """One question's record. written: the text the policy wrote (`policy_text`); None: the
     response less its document blocks (`prompts.strip_documents`). The prediction is read from
-    that text only; format_ok is the reward's format check of the whole response."""
+    that text only; format_ok is the reward's format check (`rewards.score`: the answer and
+    think tags counted on the response less its document blocks, the retrieval markers on the
+    whole response)."""
     written = strip_documents(response) if written is None else written
     answer = metrics.answer_span(written)
     prediction = NO_ANSWER if answer is None else answer

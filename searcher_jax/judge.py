@@ -5,14 +5,17 @@ The prompt is the released evaluation's (RUCAIBox/R1-Searcher,
 evaluation/metric_calc_gpt_as_judge.py, judged by gpt-4o-mini), one user message. Backends:
 
     OpenAIJudge   any OpenAI-compatible chat endpoint (llm_client.ChatClient: the key from an
-                  environment variable, bounded retries), `concurrency` requests in flight;
+                  environment variable, bounded retries, a server's Retry-After capped),
+                  `concurrency` requests in flight, each given up at `deadline_s`;
     HFJudge       a local HF causal LM through our own sampler (greedy, batched).
 
 `judge_rows` fills verdicts into evaluation records through a `VerdictCache` (one JSON line
 per verdict, in the run's output directory), keyed by (judge, question, golds, prediction),
 so a rerun asks nothing it has asked before. A reply that names no verdict is counted as
-malformed, a request that fails after its retries as failed: either leaves that row without
-a verdict (and uncached, so a rerun asks again), never stops the run.
+malformed, a request that fails after its retries (or outlasts its deadline) as failed:
+either leaves that row without a verdict (and uncached, so a rerun asks again), never stops
+the run. A refused key (401/403) does stop it, at once, with llm_client.AuthError: every
+row would fail. Error texts kept in records have the key scrubbed (llm_client.scrub).
 """
 from __future__ import annotations
 
@@ -67,6 +70,9 @@ class JudgeConfig:
     url: the endpoint's base URL, e.g. https://api.openai.com/v1.
     model: the model name the endpoint serves (the paper's: gpt-4o-mini).
     key_env: the environment variable holding the API key ("" for none); never the key.
+    max_retry_after_s: the longest a server's Retry-After may make one retry wait.
+    deadline_s: the longest one verdict may take, retries included, before it is given up
+      and counted failed (0: the client's bound from timeout_s, retries and backoff).
     """
     backend: str = "none"
     url: str = ""
@@ -76,6 +82,8 @@ class JudgeConfig:
     retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 60.0
+    max_retry_after_s: float = llm_client.MAX_RETRY_AFTER_S
+    deadline_s: float = 0.0
     max_tokens: int = 16
     hf_dir: str = ""
     batch_size: int = 16
@@ -91,6 +99,9 @@ class JudgeConfig:
         for name in ("concurrency", "batch_size", "max_new_tokens", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"judge {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_retry_after_s", "deadline_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"judge {name} must be >= 0, got {getattr(self, name)}")
 
     def describe(self) -> str:
         """One line for a results header (no key, only the variable's name)."""
@@ -111,7 +122,9 @@ class Outcome:
 
 
 class OpenAIJudge:
-    """Verdicts from an OpenAI-compatible chat endpoint, `concurrency` requests at a time."""
+    """Verdicts from an OpenAI-compatible chat endpoint, `concurrency` requests at a time, each
+    given up after the config's deadline_s (counted failed). Raises llm_client.AuthError, at
+    once, when the endpoint refuses the key."""
 
     def __init__(self, config: JudgeConfig):
         self.name = f"openai:{config.model}"
@@ -119,18 +132,29 @@ class OpenAIJudge:
         self._client = llm_client.ChatClient(
             config.url, config.model, key_env=config.key_env, timeout_s=config.timeout_s,
             retries=config.retries, backoff_s=config.backoff_s, max_tokens=config.max_tokens,
-            pool_size=config.concurrency)
+            pool_size=config.concurrency, max_retry_after_s=config.max_retry_after_s)
+        self.deadline_s = config.deadline_s or self._client.deadline_s
 
     def _one(self, prompt: str) -> Outcome:
         try:
             reply = self._client.complete(prompt)
+        except llm_client.AuthError:
+            raise  # a bad key: the run stops (judge)
         except llm_client.ChatError as e:
-            return Outcome(None, error=str(e))
+            return Outcome(None, error=self._client.scrub(str(e)))
         return Outcome(parse_verdict(reply), reply=reply)
 
     def judge(self, prompts: Sequence[str]) -> list[Outcome]:
-        with concurrent.futures.ThreadPoolExecutor(self._concurrency) as pool:
-            return list(pool.map(self._one, prompts))
+        pool = concurrent.futures.ThreadPoolExecutor(self._concurrency,
+                                                     thread_name_prefix="judge")
+        try:
+            results = llm_client.map_with_deadline(pool, self._one, list(prompts),
+                                                   self.deadline_s, self._concurrency)
+        finally:
+            # Given-up requests finish on their own timeouts; nothing waits for them here.
+            pool.shutdown(wait=False, cancel_futures=True)
+        return [Outcome(None, error=f"{self._client.url}: {r}")
+                if isinstance(r, llm_client.DeadlineExceeded) else r for r in results]
 
 
 class HFJudge:
@@ -147,8 +171,10 @@ class HFJudge:
         model = hf_io.load_pretrained(config.hf_dir, mesh=mesh)
         self._tokenizer = hf_io.load_tokenizer(config.hf_dir)
         self._eos = hf_io.eos_token_ids(config.hf_dir, self._tokenizer)
-        self._model, self._mesh, self._samplers = model, mesh, {}
+        self._mesh, self._samplers = mesh, {}
+        # Only the sampling copy is kept: the fp32 model is dropped once it is made.
         self._copy = sampling.sampling_copy(model, mesh)
+        del model
 
     def _encode(self, prompt: str) -> list[int]:
         if getattr(self._tokenizer, "chat_template", None):

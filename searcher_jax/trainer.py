@@ -171,7 +171,9 @@ def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int,
                   mesh, keep: np.ndarray | None = None) -> RolloutBatch:
     """Host trajectories -> the train step's batch, padded to a bucketed length, rows over
     (data, fsdp). Every process holds the same host arrays and places its own shards.
-    Rows where `keep` [B] is False (prompts dynamic sampling dropped) get an empty loss mask."""
+    Rows where `keep` [B] is False (prompts dynamic sampling dropped) are left out of the loss
+    by the batch's `keep` (the step clears their loss mask; the sampler/trainer mismatch
+    metric still reads their sampled tokens)."""
     width = sampling.attend_bucket(trajectories.tokens.shape[1], MIN_TRAIN_LEN, max_len)
 
     def place(x):
@@ -179,10 +181,11 @@ def rollout_batch(trajectories: Trajectories, rewards: np.ndarray, max_len: int,
             x = np.pad(x, ((0, 0), (0, width - x.shape[1])))
         return jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
 
-    loss_mask = trajectories.loss_mask if keep is None else trajectories.loss_mask & keep[:, None]
-    return RolloutBatch(tokens=place(trajectories.tokens), loss_mask=place(loss_mask),
+    return RolloutBatch(tokens=place(trajectories.tokens),
+                        loss_mask=place(trajectories.loss_mask),
                         rewards=place(np.asarray(rewards, np.float32)),
-                        sampler_logprobs=place(trajectories.sampler_logprobs))
+                        sampler_logprobs=place(trajectories.sampler_logprobs),
+                        keep=None if keep is None else place(np.asarray(keep, bool)))
 
 
 def score(trajectories: Trajectories, questions: list[Question],
@@ -383,9 +386,10 @@ def train(config) -> dict[str, Any]:
                                    rollout_cfg, key, eos_ids=parts.eos_ids)
             rewards, reward_metrics = score(trajectories, questions, reward_cfg)
             if rl.overlong_buffer:
-                penalty = rewards_lib.overlong_penalty(
-                    trajectories.lengths, np.array(trajectories.end_reasons) == "truncated",
-                    parts.sampler.config.max_len, rl.overlong_buffer, rl.overlong_penalty)
+                # DAPO's |y|: the tokens the policy sampled (documents excluded).
+                penalty = rewards_lib.trajectory_overlong_penalty(
+                    trajectories, parts.sampler.config.max_len, rl.overlong_buffer,
+                    rl.overlong_penalty)
                 rewards = rewards + penalty
                 reward_metrics["overlong_penalty"] = float(penalty.mean())
             drawn.append({**reward_metrics, **trajectories.metrics()})

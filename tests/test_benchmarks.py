@@ -84,6 +84,37 @@ def test_verdicts_retrievals_and_answers_of_our_rows_and_the_authors():
     assert summary["answered"] == 0.75
 
 
+def test_acc_l_says_how_many_rows_it_judged():
+    """ACC_L is over the judged rows: a malformed or failed verdict is left out of its
+    denominator, and the paper-style cell says so ("judged n/N"), never silently."""
+    ours = {"question": "Q", "answer": ["Paris"], "pred_ans": " Paris ", "judge": True}
+    failed = {**ours, "judge": None, "judge_error": "timed out"}
+    malformed = {**ours, "judge": None, "judge_reply": "Maybe"}
+    partly = eval_tables.summarize_rows([ours, {**ours, "judge": False}, failed, malformed])
+    fully = eval_tables.summarize_rows([ours, ours])
+    markdown = eval_tables.paper_markdown({"search": {"partly": partly, "fully": fully}})
+    assert "| search | 1.000 / 0.500 (judged 2/4) | 1.000 / 1.000 |" in markdown
+    unjudged = eval_tables.summarize_rows([{k: v for k, v in ours.items() if k != "judge"}])
+    assert eval_tables.paper_markdown({"search": {"x": unjudged}}).endswith(
+        "| search | 1.000 / – |")   # no judge: no ACC_L, no count
+
+
+def test_from_traces_never_writes_over_an_evaluation(tmp_path):
+    """Without --out, --from_traces writes to runs/eval_from_traces, not runs/eval (where an
+    evaluation writes its results by default)."""
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    (traces / "mini.jsonl").write_text(json.dumps(
+        {"question": "Q", "answer": "Paris", "pred_ans": "Paris"}) + "\n")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "launch" / "evaluate.py"), f"--from_traces={traces}"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "runs" / "eval_from_traces" / "results.json").exists()
+    assert not (tmp_path / "runs" / "eval").exists()
+
+
 class _CharTokenizer:
     """One token per character (its code point): decode is exact for any split."""
 

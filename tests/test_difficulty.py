@@ -26,6 +26,21 @@ def test_first_correct_rollout_and_the_papers_thresholds():
         difficulty.DifficultyConfig(easy_below=30, difficult_above=20)
 
 
+def test_a_rollout_without_an_answer_is_wrong():
+    """A rollout that gave no answer predicts evaluation's "I don't know." placeholder: it is
+    wrong, not scored as text (its words would cover the gold "know")."""
+    from searcher_jax import evaluation
+    from searcher_jax.data.questions import Question
+    question = Question("1", "What verb?", ("know",))
+    assert metrics.cover_exact_match(evaluation.NO_ANSWER, question.answers) == 1.0
+    for metric in difficulty.METRICS:
+        config = difficulty.DifficultyConfig(metric=metric, f1_threshold=0.1)
+        assert not difficulty.correct(evaluation.NO_ANSWER, question.answers, config)
+        assert not difficulty.correct("", question.answers, config)
+        row = difficulty.labelled_row(question, "s", [evaluation.NO_ANSWER, "know"], True, config)
+        assert row["correct"] == [False, True] and row["rollouts_needed"] == 2
+
+
 def test_sources_with_row_ranges():
     a, b = difficulty.parse_sources("hotpotqa=s1.jsonl@1-201, 2wiki=s1.jsonl@202-350")
     assert (a.name, a.path, a.first, a.last) == ("hotpotqa", "s1.jsonl", 1, 201)

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from searcher_jax import judge
+from searcher_jax import judge, llm_client
 from tests.conftest import REPO_ROOT
 
 KEY = "sk-test-4f1c9a-never-written"
@@ -172,3 +173,154 @@ def test_a_local_hf_judge_runs_through_our_sampler(world_model_dir, tmp_path):
     assert counts["asked"] == 5 and counts["failed"] == 0
     assert counts["malformed"] + sum(r["judge"] is not None for r in rows) == 5
     assert all(isinstance(r["judge_reply"], str) for r in rows)
+
+
+class ScriptedServer:
+    """A loopback chat endpoint answering every request with `answer(handler)`: (status,
+    payload, extra headers, seconds to wait first)."""
+
+    def __init__(self, answer):
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.requests += 1
+                status, payload, headers, wait = answer(self)
+                time.sleep(wait)
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for name, value in {"Content-Type": "application/json", **headers}.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def scripted():
+    servers = []
+
+    def start(answer):
+        servers.append(ScriptedServer(answer))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def _openai(url, **overrides):
+    fields = dict(backend="openai", url=url, model="judge-mini", key_env="JUDGE_TEST_KEY",
+                  concurrency=2, retries=2, backoff_s=0.0, timeout_s=5)
+    return judge.make_judge(judge.JudgeConfig(**{**fields, **overrides}))
+
+
+def test_a_huge_retry_after_is_capped(scripted, monkeypatch):
+    """A 429 asking to retry in an hour: each retry waits at most max_retry_after_s (urllib3
+    alone would sleep up to 6 hours), so the verdict fails within seconds, counted."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    server = scripted(lambda _: (429, {"error": "slow down"}, {"Retry-After": "3600"}, 0))
+    verdicts = _openai(server.url, max_retry_after_s=0.2)
+    start = time.monotonic()
+    [outcome] = verdicts.judge(["Q?"])
+    assert time.monotonic() - start < 5
+    assert outcome.verdict is None and "429" in outcome.error and server.requests == 3
+    # The default cap, as urllib3 reads a response's header.
+    retry = llm_client.BoundedRetry(total=1)
+    hour = type("R", (), {"headers": {"Retry-After": "3600"}})()
+    assert retry.get_retry_after(hour) == llm_client.MAX_RETRY_AFTER_S == 30
+    assert retry.new(total=0).get_retry_after(hour) == 30
+    assert retry.get_retry_after(type("R", (), {"headers": {"Retry-After": "soon"}})()) is None
+
+
+def test_a_verdict_past_its_deadline_is_given_up(scripted, monkeypatch):
+    """A server that takes longer than the judge's deadline: the call returns at the deadline
+    (per prompt, timed from its own start: 3 prompts, 2 at a time), each counted failed."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    server = scripted(lambda _: (200, {"choices": [{"message": {"content": "True"}}]}, {}, 3.0))
+    verdicts = _openai(server.url, deadline_s=0.5, retries=0)
+    start = time.monotonic()
+    outcomes = verdicts.judge(["Q1?", "Q2?", "Q3?"])
+    assert time.monotonic() - start < 2.5
+    assert [o.verdict for o in outcomes] == [None] * 3
+    assert all("given up" in o.error for o in outcomes)
+    assert judge.JudgeConfig(backend="openai", url="x").deadline_s == 0.0  # 0: the client's bound
+    # Without a deadline_s, the client's bound: one try's connect and read timeouts, plus 1 s.
+    assert _openai(server.url, retries=0).deadline_s == 2 * 5 + 1
+
+
+def test_a_refused_key_stops_the_run_at_once(scripted, monkeypatch, tmp_path):
+    """401 (or 403): one AuthError naming the variable, not a failed row per question; no
+    retry, nothing cached."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    for status in (401, 403):
+        server = scripted(lambda _, status=status: (status, {"error": "invalid key"}, {}, 0))
+        verdicts = _openai(server.url, concurrency=1)
+        rows = _rows()
+        with pytest.raises(llm_client.AuthError, match=rf"answered {status}: .*JUDGE_TEST_KEY"):
+            judge.judge_rows(rows, verdicts, judge.VerdictCache(tmp_path / "cache.jsonl"))
+        assert server.requests == 1
+        assert not (tmp_path / "cache.jsonl").exists()
+
+
+def test_a_key_echoed_by_the_server_is_written_nowhere(scripted, monkeypatch, tmp_path):
+    """A server that echoes the Authorization header in its error bodies (a 400, then a 401):
+    the rows' judge_error, the exception and every file written hold "[API key]", never the
+    key."""
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+
+    def echo(status):
+        return lambda handler: (status, {"error": "bad request",
+                                         "got": handler.headers.get("Authorization")}, {}, 0)
+
+    verdicts = _openai(scripted(echo(400)).url)
+    rows = _rows()
+    counts = judge.judge_rows(rows, verdicts, judge.VerdictCache(tmp_path / "cache.jsonl"))
+    assert counts["failed"] == 5
+    assert all("[API key]" in r["judge_error"] and KEY not in r["judge_error"] for r in rows)
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(llm_client.AuthError) as refused:
+        judge.judge_rows(_rows(), _openai(scripted(echo(401)).url),
+                         judge.VerdictCache(tmp_path / "cache.jsonl"))
+    assert KEY not in str(refused.value) and "[API key]" in str(refused.value)
+    (tmp_path / "error.txt").write_text(str(refused.value))
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(KEY not in p.read_text() for p in written)
+
+
+def test_the_hf_judge_keeps_only_its_sampling_copy(monkeypatch):
+    """The fp32 model hf_io loads is dropped once the sampler's copy is made."""
+    import gc
+    import weakref
+
+    from searcher_jax.model import hf_io
+    from searcher_jax.sampling import sampler as sampling
+
+    class Model:
+        pass
+
+    loaded = [Model()]
+    alive = weakref.ref(loaded[0])
+    monkeypatch.setattr(hf_io, "load_pretrained", lambda directory, mesh=None: loaded.pop())
+    monkeypatch.setattr(hf_io, "load_tokenizer", lambda directory: object())
+    monkeypatch.setattr(hf_io, "eos_token_ids", lambda directory, tokenizer: [0])
+    monkeypatch.setattr(sampling, "sampling_copy", lambda model, mesh=None: Model())
+    verdicts = judge.HFJudge(judge.JudgeConfig(backend="hf", hf_dir="unused"))
+    gc.collect()
+    assert alive() is None and isinstance(verdicts._copy, Model)  # pylint: disable=protected-access

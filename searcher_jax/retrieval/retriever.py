@@ -76,7 +76,9 @@ class RetrieverConfig:
     retries: int = 4            # http: transient failures retried with backoff 1, 2, 4, 8 s
     # Multi-host runs: "every_process" searches the same queries on every process (each holds
     # the index or calls the server); "process_0" searches on process 0 only and broadcasts
-    # the passages, so only process 0 loads the index (retrieval/process_zero.py).
+    # the passages, so only process 0 loads the index (retrieval/process_zero.py). The web
+    # backend always searches on process 0: live search results differ between calls, and
+    # every process must insert the same documents (make_retriever).
     search_on: str = "every_process"
     # web (retrieval/web.py; timeout_s and retries above apply to each request): a search
     # API of the Serper kind, restricted to web_site, and an OpenAI-compatible summariser.
@@ -108,8 +110,13 @@ def read_index_meta(index_dir: str | pathlib.Path) -> dict:
 
 def make_retriever(cfg: RetrieverConfig) -> Retriever:
     """The backend a config names; with search_on="process_0" in a multi-process run, that
-    backend on process 0 behind a broadcast, and no index on the other processes."""
-    if cfg.search_on == "process_0":
+    backend on process 0 behind a broadcast, and no index on the other processes.
+
+    The web backend is always searched on process 0 (search_on is overridden): a live search
+    API and an LLM summariser do not answer two processes' identical queries identically, and
+    processes that inserted different documents would diverge (SPMD needs every process to
+    hold the same tokens)."""
+    if cfg.search_on == "process_0" or cfg.backend == "web":
         import jax
         if jax.process_count() > 1:
             from searcher_jax.retrieval.process_zero import ProcessZeroRetriever

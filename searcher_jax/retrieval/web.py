@@ -11,11 +11,14 @@ For one query (the released evaluation, RUCAIBox/R1-Searcher evaluation/eval_sea
     prompt); stop once `documents` summaries are not "None".
 
 The summaries found are the query's passages (format "raw": the document block shows them as
-written); none found gives the usual "None" block. Nothing here is fatal and nothing hangs:
-every request has a timeout and bounded retries (llm_client.retrying_session), a query that
-fails at any step gets the summaries it has so far, and a query still running after
-`deadline_s` is given up (its worker thread is left to its own timeouts). `stats` counts
-queries, pages, summaries, "None" summaries, and each kind of failure and timeout.
+written); none found gives the usual "None" block. Nothing here hangs: every request has a
+timeout and bounded retries (llm_client.retrying_session, a server's Retry-After capped), a
+query that fails at any step gets the summaries it has so far, and a query still running
+`deadline_s` after its own start is given up (its future cancelled if it has not started,
+a running worker thread left to its own timeouts). Only a refused key is fatal: a 401/403
+from the search API or the summariser raises llm_client.AuthError (every query would fail).
+`stats` counts queries, pages, summaries, "None" summaries, and each kind of failure and
+timeout; launch/evaluate.py writes them into results.json and the results.md header.
 The API keys are read from environment variables and kept only in request headers.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import concurrent.futures
 import dataclasses
 import html.parser
 import logging
+import re
 import threading
 from typing import Sequence
 
@@ -58,6 +62,11 @@ Your task is to extract information from the webpage content that is relevant to
 ## Output:
 """
 _SKIPPED_TAGS = {"script", "style", "noscript", "head", "template", "svg"}
+# WebRetriever.stats' counts, each present from the start (0 until it happens), so a report of
+# them shows the failures and timeouts that did not happen too.
+STAT_KEYS = ("queries", "pages", "summaries", "summary_none", "search_empty", "search_failed",
+             "search_timeouts", "page_empty", "page_failed", "page_timeouts", "summary_failed",
+             "deadline_exceeded", "unexpected_errors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +96,11 @@ class WebConfig:
 
     @property
     def deadline_s(self) -> float:
-        """The longest one query may take: every request of it through all its retries."""
+        """The longest one query may take, timed from its own start: every request of it (a
+        search, then a page and a summary per result) through all its retries."""
         requests_per_query = 1 + 2 * self.pages
-        return requests_per_query * (self.retries + 1) * (2 * self.timeout_s + self.backoff_s
-                                                          * 2 ** self.retries) + 1.0
+        return requests_per_query * llm_client.request_bound_s(self.retries, self.timeout_s,
+                                                               self.backoff_s)
 
 
 def _timed_out(error: requests.RequestException) -> bool:
@@ -138,13 +148,21 @@ def parse_summary(reply: str) -> str | None:
     return None if not bare or bare == "none" else text
 
 
+def fill_summary_prompt(query: str, document: str) -> str:
+    """SUMMARY_PROMPT with both placeholders filled in one pass: a query that holds
+    "{document}" (or a page that holds "{search_query}") stays as written."""
+    values = {"{search_query}": query, "{document}": document}
+    return re.sub(r"\{search_query\}|\{document\}", lambda m: values[m.group(0)], SUMMARY_PROMPT)
+
+
 class WebRetriever(HitRetriever):
     """The online backend: `search(queries, k)` gives each query at most min(k, documents)
-    summaries (module docstring). Thread-safe; never raises for a network or API failure."""
+    summaries (module docstring). Thread-safe; never raises for a network or API failure;
+    raises llm_client.AuthError when the search API or the summariser refuses its key."""
 
     def __init__(self, config: WebConfig):
         self.config = config
-        self.stats: collections.Counter = collections.Counter()
+        self.stats: collections.Counter = collections.Counter(dict.fromkeys(STAT_KEYS, 0))
         self._lock = threading.Lock()
         pool = config.concurrency * 2
         self._session = llm_client.retrying_session(config.retries, config.backoff_s, pool)
@@ -167,18 +185,19 @@ class WebRetriever(HitRetriever):
 
     def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         check_k(k)
-        futures = [self._pool.submit(self._one, q, min(k, self.config.documents))
-                   for q in queries]
-        done, _ = concurrent.futures.wait(futures, timeout=self.config.deadline_s)
+        wanted = min(k, self.config.documents)
+        results = llm_client.map_with_deadline(self._pool, lambda q: self._one(q, wanted),
+                                               list(queries), self.config.deadline_s,
+                                               self.config.concurrency)
         out = []
-        for query, future in zip(queries, futures):
-            if future in done:
-                out.append(future.result())
-            else:
+        for query, result in zip(queries, results):
+            if isinstance(result, llm_client.DeadlineExceeded):
                 self._count("deadline_exceeded")
                 logging.warning("web search: %r still running after %.0f s; no documents",
                                 query, self.config.deadline_s)
                 out.append([])
+            else:
+                out.append(result)
         return out
 
     def _one(self, query: str, wanted: int) -> list[Hit]:
@@ -195,6 +214,8 @@ class WebRetriever(HitRetriever):
                     hits.append(Hit(-1, Passage(link, title, summary, "raw"), float("nan")))
                     if len(hits) >= wanted:
                         break
+        except llm_client.AuthError:
+            raise  # a refused key: fatal, as documented
         except Exception:  # pylint: disable=broad-except  # never fatal, as documented
             self._count("unexpected_errors")
             logging.exception("web search: %r failed unexpectedly", query)
@@ -217,6 +238,11 @@ class WebRetriever(HitRetriever):
         except requests.RequestException as e:
             self._count("search_timeouts" if _timed_out(e) else "search_failed")
             return []
+        if response.status_code in llm_client.AUTH_STATUSES:
+            key = (f"the key in ${cfg.search_key_env}" if cfg.search_key_env
+                   else "the request (no key was sent: web_search_key_env is empty)")
+            raise llm_client.AuthError(f"web search {cfg.search_url} answered "
+                                       f"{response.status_code}: it refused {key}")
         if response.status_code != 200:
             self._count("search_failed")
             return []
@@ -245,9 +271,11 @@ class WebRetriever(HitRetriever):
         return text[:self.config.page_chars]
 
     def _summary(self, query: str, text: str) -> str | None:
-        prompt = SUMMARY_PROMPT.replace("{search_query}", query).replace("{document}", text)
+        prompt = fill_summary_prompt(query, text)
         try:
             reply = self._llm.complete(prompt)
+        except llm_client.AuthError:
+            raise
         except llm_client.ChatError:
             self._count("summary_failed")
             return None

@@ -69,9 +69,11 @@ def _shifted_groups(rewards, n: int):
 
 def tied_groups(rewards, n: int):
     """[B] -> [B / n] bool: whether each prompt's group of n rewards is equal up to rounding
-    (TIE_RTOL), so that every group-relative estimator gives it zero advantage: the group
-    carries no signal (dynamic_sampling.py drops such prompts). Raises ValueError when B is
-    not whole groups."""
+    (TIE_RTOL), so that every group-relative estimator shapes its rewards to exactly 0: the
+    group carries no signal of its own (dynamic_sampling.py drops such prompts). Its advantage
+    is 0 only without batch whitening (grpo, dr_grpo); reinforce_baseline and rloo whiten the
+    returns over the batch, which moves a tied group's zeros to -mean / std of the batch.
+    Raises ValueError when B is not whole groups."""
     groups = _groups(rewards, n)
     return _equal_up_to_rounding(groups.max(axis=1), groups.min(axis=1),
                                  jnp.abs(groups).max(axis=1))

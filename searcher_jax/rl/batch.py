@@ -8,6 +8,9 @@ Layout (B = prompts * samples_per_prompt rows, the samples of one prompt contigu
   ref_logprobs [B, T]     reference log-probs (logprobs.py alignment); only when kl_coef > 0
   sampler_logprobs [B, T] the sampler's own log-probs of its tokens: the mismatch metric, and
                           the truncated importance weight when tis_cap is set
+  keep [B] bool           the rows the loss may use (False: a prompt dynamic sampling dropped;
+                          its loss mask is cleared in the step, while the sampler/trainer
+                          mismatch metric still reads every sampled token); None: every row
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class RolloutBatch:
     rewards: jax.Array
     ref_logprobs: jax.Array | None = None
     sampler_logprobs: jax.Array | None = None
+    keep: jax.Array | None = None
 
     @property
     def rows(self) -> int:
@@ -38,7 +42,7 @@ class RolloutBatch:
 
 jax.tree_util.register_dataclass(
     RolloutBatch,
-    data_fields=["tokens", "loss_mask", "rewards", "ref_logprobs", "sampler_logprobs"],
+    data_fields=["tokens", "loss_mask", "rewards", "ref_logprobs", "sampler_logprobs", "keep"],
     meta_fields=[])
 
 
@@ -57,6 +61,8 @@ def check_batch(batch: RolloutBatch, config: RLConfig):
                          f"tokens {batch.tokens.shape}")
     if batch.rewards.shape != (b,):
         raise ValueError(f"RolloutBatch.rewards has shape {batch.rewards.shape}, want ({b},)")
+    if batch.keep is not None and batch.keep.shape != (b,):
+        raise ValueError(f"RolloutBatch.keep has shape {batch.keep.shape}, want ({b},)")
     for name in ("ref_logprobs", "sampler_logprobs"):
         value = getattr(batch, name)
         if value is not None and value.shape != (b, t):

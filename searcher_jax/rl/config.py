@@ -80,8 +80,9 @@ class RLConfig:
                              f"undefined)")
         if self.dynamic_sampling != "off" and not estimator.group_relative:
             raise ValueError(f"RLConfig.dynamic_sampling={self.dynamic_sampling!r} drops prompts "
-                             f"whose samples tie, which carry no signal only under a "
-                             f"group-relative estimator; estimator={self.estimator!r} is not one")
+                             f"whose samples tie, whose rewards shape to 0 (no signal of their "
+                             f"own) only under a group-relative estimator; "
+                             f"estimator={self.estimator!r} is not one")
         if self.dynamic_sampling != "off" and self.samples_per_prompt < 2:
             raise ValueError(f"RLConfig.dynamic_sampling={self.dynamic_sampling!r} needs "
                              f"samples_per_prompt >= 2 (one sample always ties with itself)")

@@ -1,9 +1,11 @@
 """Dynamic sampling (DAPO, Yu et al. 2025, arXiv 2503.14476, section 3.2): host side, per step.
 
 A prompt whose samples all got the same reward (equal up to rounding,
-advantages.tied_groups) has zero advantage under a group-relative estimator:
-it adds rows to the batch and nothing to the gradient, so as more prompts are
-always or never solved, the effective batch shrinks. RLConfig.dynamic_sampling:
+advantages.tied_groups) shapes to zero reward under a group-relative estimator:
+zero advantage under grpo and dr_grpo (with reinforce_baseline and rloo the
+batch whitening then moves it to -mean / std, a shift with no signal of the
+prompt's own). It adds rows to the batch and no signal to the gradient, so as
+more prompts are always or never solved, the effective batch shrinks. RLConfig.dynamic_sampling:
 
   "off"     the batch as drawn; the step still reports how many prompts tied.
   "drop"    tied prompts are left out of the loss (their rows' loss mask is

@@ -20,14 +20,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from searcher_jax.data.prompts import BEGIN_DOCUMENTS as BEGIN_DOCS
-from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY
-from searcher_jax.data.prompts import END_DOCUMENTS as END_DOCS
 from searcher_jax.data import prompts
 from searcher_jax.rl import metrics
+
+BEGIN_QUERY, END_QUERY = prompts.BEGIN_QUERY, prompts.END_QUERY
+BEGIN_DOCS, END_DOCS = prompts.BEGIN_DOCUMENTS, prompts.END_DOCUMENTS
 _RETRIEVAL_MARKERS = (BEGIN_DOCS + "\n", END_DOCS + "\n\n", BEGIN_QUERY, END_QUERY, BEGIN_DOCS,
                       END_DOCS, BEGIN_DOCS + "\n(1)")
-_DOC_BLOCK = re.compile(re.escape(BEGIN_DOCS) + r".*?(" + re.escape(END_DOCS) + r"|$)", re.S)
 _CJK = re.compile("[\u4e00-\u9fff]")
 ANSWER_METRICS: dict[str, Callable[[str, Sequence[str]], float]] = {
     "f1": metrics.f1_score, "em": metrics.exact_match, "cem": metrics.cover_exact_match}
@@ -66,28 +65,37 @@ def retrieval_counts_equal(response: str) -> tuple[bool, int]:
     return len(set(counts)) == 1, counts[0]
 
 
-def answer_format_ok(response: str, config: RewardConfig) -> bool:
-    if "<think>" in response or any(response.count(tag) != 1
-                                    for tag in ("</think>", "<answer>", "</answer>")):
+def answer_format_ok(response: str, config: RewardConfig, written: str | None = None) -> bool:
+    """The answer half of the format check. The `<think>`/`</think>`/`<answer>`/`</answer>`
+    tags are counted, and the answer read, on `written`: the text the policy wrote (default
+    `prompts.strip_documents(response)`), so a passage quoting answer tags neither breaks nor
+    makes the format. The Qwen recipe's "assistant" check reads the whole response (SPEC
+    section 3); its CJK check skips the document blocks."""
+    written = prompts.strip_documents(response) if written is None else written
+    if "<think>" in written or any(written.count(tag) != 1
+                                   for tag in ("</think>", "<answer>", "</answer>")):
         return False
     if not config.strict_format:
         return True
-    answer = metrics.extract_answer(response) or ""
+    answer = metrics.extract_answer(written) or ""
     if "assistant" in response.lower():
         return False
     if any(tag in answer for tag in (BEGIN_QUERY, END_QUERY, BEGIN_DOCS, END_DOCS)):
         return False
     if len(answer.split()) > config.max_answer_words:
         return False
-    return not _CJK.search(_DOC_BLOCK.sub("", response))
+    return not _CJK.search(written)
 
 
 def score(response: str, golds: str | Sequence[str], config: RewardConfig) -> RewardResult:
     """The reward of one response against its gold answers, with its parts. The answer is
-    read from what the policy wrote: a passage that holds `<answer>` tags is not an answer."""
+    read, and the answer/think tags counted, from what the policy wrote (the response less its
+    document blocks): a passage that holds `<answer>` tags is neither an answer nor a format
+    fault. The retrieval markers are counted on the whole response."""
+    written = prompts.strip_documents(response)
     retrieval_ok, num_retrievals = retrieval_counts_equal(response)
-    format_ok = retrieval_ok and answer_format_ok(response, config)
-    answer = metrics.extract_answer(prompts.strip_documents(response))
+    format_ok = retrieval_ok and answer_format_ok(response, config, written)
+    answer = metrics.extract_answer(written)
     prediction = answer if answer is not None else ""
     parts = dict(f1=metrics.f1_score(prediction, golds), em=metrics.exact_match(prediction, golds),
                  cem=metrics.cover_exact_match(prediction, golds))
@@ -120,27 +128,40 @@ RECIPES = {
 }
 
 
-def overlong_penalty(lengths, truncated, max_len: int, buffer: int,
+def overlong_penalty(sampled_tokens, truncated, budget, buffer: int,
                      penalty: float = 1.0) -> np.ndarray:
     """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), added to the
     reward: [B] float32 values in [-penalty, 0].
 
-    With L_max the length limit and L_cache = buffer, a response of |y| tokens gets
+    With L_max the length limit and L_cache = buffer, a response of |y| generated tokens gets
       0                                   if |y| <= L_max - L_cache,
       ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max,
       -1                                  if it hit the limit (a truncated row),
-    times `penalty`. Here the limit is the sampler's row buffer (max_len tokens, shared by the
-    prompt, the response and its documents), so the ramp runs over the last `buffer` tokens of
-    room a row had left: min(1, (buffer - (max_len - length)) / buffer), clipped at 0.
-    Defaults as DAPO's: buffer 4096 (of 20480), penalty 1.
+    times `penalty`. |y| is the tokens the policy sampled (the loss mask's count per row), so
+    the document blocks the environment inserted never count towards it; L_max is the
+    response budget, the room the sampler's row buffer leaves after the prompt
+    (max_len - prompt length). A row truncated at the buffer (documents included) gets the
+    full penalty whatever it sampled. Defaults as DAPO's: buffer 4096 (of 20480), penalty 1.
 
     Args:
-      lengths: [B] tokens each row holds (prompt + response, Trajectories.lengths).
+      sampled_tokens: [B] tokens each row sampled (Trajectories.loss_mask.sum(1)).
       truncated: [B] bool, the rows that ended at the limit (end reason "truncated").
+      budget: the response budget L_max, a scalar or [B] (max_len - Trajectories.prompt_lengths).
     """
     if buffer < 1:
         raise ValueError(f"overlong buffer must be >= 1 token, got {buffer}")
-    room = max_len - np.asarray(lengths, np.float64)
+    room = np.asarray(budget, np.float64) - np.asarray(sampled_tokens, np.float64)
     ramp = np.clip((buffer - room) / buffer, 0.0, 1.0)
     ramp = np.where(np.asarray(truncated, bool), 1.0, ramp)
     return (-penalty * ramp).astype(np.float32)
+
+
+def trajectory_overlong_penalty(trajectories, max_len: int, buffer: int,
+                                penalty: float = 1.0) -> np.ndarray:
+    """`overlong_penalty` of a rollout's rows (rollout.Trajectories): |y| is each row's count of
+    sampled tokens (loss_mask.sum(1); inserted documents are not in the mask), the budget the
+    room the sampler's max_len leaves after each prompt, and end reason "truncated" is the
+    limit."""
+    return overlong_penalty(np.asarray(trajectories.loss_mask).sum(1),
+                            np.asarray(trajectories.end_reasons) == "truncated",
+                            max_len - np.asarray(trajectories.prompt_lengths), buffer, penalty)

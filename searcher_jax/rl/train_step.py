@@ -11,7 +11,10 @@ Inside one jit, in order:
   3. for each mini-batch, one optimizer step: gradients summed over its
      micro-batches, the loss normalised by the mini-batch's global row and
      token counts, then clip + Adam. A non-finite loss or gradient norm keeps
-     params and optimizer state as they were and counts a skipped step.
+     params and optimizer state as they were and counts a skipped step; so does
+     a mini-batch without any loss token (every prompt in it dropped by dynamic
+     sampling), counted as an empty step: Adam's momentum would otherwise move
+     the params on a zero gradient.
 
 The first mini-batch scores its old log-probs as `stop_gradient(logp)` of
 the very forward it differentiates: the params are still the rollout params,
@@ -170,7 +173,10 @@ def _masked_stats(prefix: str, x, mask):
             f"{prefix}_max": jnp.where(any_token, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)}
 
 
-def _rollout_metrics(batch: RolloutBatch, loss_mask, old_logp, advantages, returns, config):
+def _rollout_metrics(batch: RolloutBatch, loss_mask, sampled, old_logp, advantages, returns,
+                     config):
+    """loss_mask: the tokens the loss uses; sampled: every token the sampler drew (rows that
+    dynamic sampling dropped included)."""
     metrics = {"reward_mean": batch.rewards.mean(), "reward_std": batch.rewards.std(),
                "response_tokens_mean": loss_mask.sum(axis=1).mean()}
     metrics.update(_masked_stats("advantage", advantages, loss_mask))
@@ -181,10 +187,11 @@ def _rollout_metrics(batch: RolloutBatch, loss_mask, old_logp, advantages, retur
     if batch.sampler_logprobs is not None:
         # The sampler/trainer mismatch, every step: the sampler's kernels (a bf16 copy, a KV-cached
         # decode) differ from the training forward. A large gap flags a bug, or calls for
-        # config.tis_cap (truncated importance sampling).
+        # config.tis_cap (truncated importance sampling). Over every sampled token: a prompt
+        # dynamic sampling dropped was sampled by the same kernels.
         gap = jnp.abs(batch.sampler_logprobs - old_logp)
-        metrics["sampler_logp_abs_diff_mean"] = adv_lib.masked_mean_var(gap, loss_mask)[0]
-        metrics["sampler_logp_abs_diff_max"] = jnp.max(jnp.where(loss_mask, gap, 0.0))
+        metrics["sampler_logp_abs_diff_mean"] = adv_lib.masked_mean_var(gap, sampled)[0]
+        metrics["sampler_logp_abs_diff_max"] = jnp.max(jnp.where(sampled, gap, 0.0))
     return metrics
 
 
@@ -201,7 +208,8 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
         num_mini = config.steps_per_batch(b)
         num_micro = config.mini_batch_size // config.micro_batch_size
         scored = jnp.arange(t)[None, :] >= 1  # column 0 has no log-prob (logprobs.py)
-        loss_mask = batch.loss_mask.astype(bool) & scored  # [B, T]
+        sampled = batch.loss_mask.astype(bool) & scored  # [B, T]
+        loss_mask = sampled if batch.keep is None else sampled & batch.keep.astype(bool)[:, None]
 
         def split(x):  # [B, ...] -> [num_mini, num_micro, m, ...]
             return _constrain_rows(split_rows(x, num_mini, num_micro), mesh, 2)
@@ -224,7 +232,8 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
         advantages, returns = adv_lib.compute_advantages(
             config.estimator, batch.rewards, loss_mask, config.samples_per_prompt, kl=kl_reward,
             kl_coef=config.kl_coef)
-        metrics = _rollout_metrics(batch, loss_mask, old_logp, advantages, returns, config)
+        metrics = _rollout_metrics(batch, loss_mask, sampled, old_logp, advantages, returns,
+                                   config)
 
         # 3. One optimizer step per mini-batch.
         per_step = {"tokens": tokens, "loss_mask": split(loss_mask),
@@ -241,21 +250,27 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
                                                        old_is_current, param_shardings)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
+            # The normalizer's token count: 0 when dynamic sampling dropped every prompt here.
+            empty = losses.Normalizer.of(mini["loss_mask"]).tokens == 0
+            apply = finite & ~empty
             updates, opt_state = tx.update(grads, carry.opt_state, carry.params)
             params = optax.apply_updates(carry.params, updates)
-            keep = lambda new, old: jnp.where(finite, new, old)  # pylint: disable=unnecessary-lambda-assignment
+            keep = lambda new, old: jnp.where(apply, new, old)  # pylint: disable=unnecessary-lambda-assignment
             new = TrainState(params=jax.tree.map(keep, params, carry.params),
                              opt_state=jax.tree.map(keep, opt_state, carry.opt_state),
-                             step=carry.step + finite.astype(jnp.int32),
+                             step=carry.step + apply.astype(jnp.int32),
                              skipped=carry.skipped + (~finite).astype(jnp.int32))
             step_metrics.update(grad_norm=grad_norm, learning_rate=schedule(carry.step),
-                                skipped=(~finite).astype(jnp.float32))
+                                skipped=(~finite).astype(jnp.float32),
+                                empty=(finite & empty).astype(jnp.float32))
             return new, step_metrics
 
         state, step_metrics = jax.lax.scan(optimizer_step, state, (per_step, is_first))
         metrics.update({name: value.mean() for name, value in step_metrics.items()
-                        if name != "skipped"})
+                        if name not in ("skipped", "empty")})
         metrics["skipped_steps"] = step_metrics["skipped"].sum()
+        # Mini-batches without a loss token (dynamic sampling "drop"): no optimizer update.
+        metrics["empty_steps"] = step_metrics["empty"].sum()
         metrics["optimizer_steps"] = jnp.asarray(num_mini, jnp.float32)
         metrics["total_skipped"] = state.skipped.astype(jnp.float32)
         return state, metrics
@@ -289,7 +304,7 @@ class _ShardedStep:
         self._jitted = {}
 
     def _fn(self, batch: RolloutBatch):
-        key = tuple(x is None for x in (batch.ref_logprobs, batch.sampler_logprobs))
+        key = tuple(x is None for x in (batch.ref_logprobs, batch.sampler_logprobs, batch.keep))
         if key not in self._jitted:
             replicated = NamedSharding(self._mesh, PartitionSpec())
             self._jitted[key] = jax.jit(

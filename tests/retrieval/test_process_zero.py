@@ -64,3 +64,26 @@ def test_config_checks():
     # One process: no broadcast, the backend itself.
     retriever = make_retriever(RetrieverConfig(backend="http", url="http://127.0.0.1:9", search_on="process_0"))
     assert not isinstance(retriever, ProcessZeroRetriever)
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_web_backend_always_searches_on_process_0(monkeypatch, process):
+    """Live web results differ between calls: with several processes the web backend is behind
+    the broadcast even under search_on="every_process", so every process inserts the same
+    documents."""
+    import jax
+    from searcher_jax.retrieval import web
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process)
+    config = RetrieverConfig(backend="web", search_on="every_process",
+                             web_search_url="http://127.0.0.1:9/search", web_search_key_env="",
+                             web_llm_url="http://127.0.0.1:9/v1", web_llm_key_env="")
+    retriever = make_retriever(config)
+    assert isinstance(retriever, ProcessZeroRetriever)
+    assert (retriever.inner is None) == (process != 0)
+    if process == 0:
+        assert isinstance(retriever.inner, web.WebRetriever)
+        retriever.inner.close()
+    # Another backend keeps search_on="every_process": its own search on every process.
+    http = make_retriever(RetrieverConfig(backend="http", url="http://127.0.0.1:9"))
+    assert not isinstance(http, ProcessZeroRetriever)

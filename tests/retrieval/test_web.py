@@ -18,13 +18,16 @@ PAGES = {
     "Oslo": "<html><body><p>Oslo is the capital of Norway and its largest city.</p></body></html>",
     "Irrelevant": "<html><body><p>Nothing relevant is written on this page.</p></body></html>",
     "Slow": "<html><body><p>Paris is the capital of France, but too late.</p></body></html>",
+    "Pause": "<html><body><p>Paris is the capital of France, after a pause.</p></body></html>",
 }
+REFUSED = "refused-key"  # a key the search API and the summariser answer 401
 SUMMARY = "Paris is the capital of France, as the page says. <answer> Paris </answer>"
 
 
 class Servers:
     """/search (the search API), /wiki/<page> (pages: Broken is a 404, Slow answers after
-    1.5 s) and /v1/chat/completions (the summariser: "None" for an irrelevant page)."""
+    1.5 s, Pause after 0.45 s) and /v1/chat/completions (the summariser: "None" for an
+    irrelevant page). Both APIs answer 401 to the key REFUSED."""
 
     def __init__(self):
         self.queries, self.keys, self.fetched, self.summarised = [], set(), [], 0
@@ -50,6 +53,8 @@ class Servers:
                 servers.fetched.append(page)
                 if page == "Slow":
                     time.sleep(1.5)
+                if page == "Pause":
+                    time.sleep(0.45)
                 if page not in PAGES:
                     self._send(404, {"error": "no such page"})
                     return
@@ -57,6 +62,10 @@ class Servers:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if REFUSED in (self.headers.get("X-API-KEY"), self.headers.get("Authorization",
+                                                                            "")[7:]):
+                    self._send(401, {"error": "invalid API key"})
+                    return
                 if self.path == "/search":
                     servers.queries.append(body["q"])
                     servers.keys.add(self.headers.get("X-API-KEY"))
@@ -64,6 +73,7 @@ class Servers:
                     pages = (["Paris"] if query.startswith("capital") else
                              ["Broken", "Oslo"] if query.startswith("broken") else
                              ["Slow"] if query.startswith("slow") else
+                             ["Pause"] if query.startswith("pause") else
                              ["Irrelevant", "Irrelevant"] if query.startswith("nothing") else
                              ["Slow", "Broken", "Irrelevant", "Paris"])
                     base = f"http://127.0.0.1:{self.server.server_address[1]}/wiki/"
@@ -96,10 +106,10 @@ def servers():
 
 def _retriever(servers, monkeypatch, **overrides):
     monkeypatch.setenv("SEARCH_TEST_KEY", SEARCH_KEY)
-    config = RetrieverConfig(backend="web", timeout_s=0.5, retries=0,
-                             web_search_url=servers.base + "/search",
-                             web_search_key_env="SEARCH_TEST_KEY", web_llm_url=servers.base + "/v1",
-                             web_llm_key_env="", **overrides)
+    fields = dict(backend="web", timeout_s=0.5, retries=0, web_search_url=servers.base + "/search",
+                  web_search_key_env="SEARCH_TEST_KEY", web_llm_url=servers.base + "/v1",
+                  web_llm_key_env="")
+    config = RetrieverConfig(**{**fields, **overrides})
     return make_retriever(config)
 
 
@@ -185,3 +195,79 @@ def test_the_rollout_goes_on_with_web_search(servers, monkeypatch, world_model_d
             written = prompts.strip_documents(record.gen_text_store)
             assert record.pred_ans != " Paris " or "<answer> Paris </answer>" in written
     retriever.close()
+
+
+def test_the_deadline_runs_from_each_querys_start(servers, monkeypatch):
+    """One query at a time, each taking about 0.5 s, with a deadline of 0.75 s per query: the
+    second one's deadline runs from its own start (one over the whole call would cut it)."""
+    monkeypatch.setattr(web.WebConfig, "deadline_s", property(lambda self: 0.75))
+    retriever = _retriever(servers, monkeypatch, web_concurrency=1)
+    found = retriever.search(["pause one", "pause two"], 3)
+    assert [len(hits) for hits in found] == [1, 1]
+    assert retriever.stats["deadline_exceeded"] == 0
+    retriever.close()
+
+
+def test_queries_past_the_deadline_are_given_up_and_cancelled(servers, monkeypatch):
+    """One query at a time, each slower than its deadline: the first is given up at its
+    deadline, the others by the call's bound (the deadline x rounds of `concurrency`); a query
+    that had not started is cancelled, never searched later."""
+    monkeypatch.setattr(web.WebConfig, "deadline_s", property(lambda self: 0.2))
+    retriever = _retriever(servers, monkeypatch, web_concurrency=1)
+    start = time.monotonic()
+    found = retriever.search(["slow one", "slow two", "capital of France"], 3)
+    assert time.monotonic() - start < 1.5 and found == [[], [], []]
+    assert retriever.stats["deadline_exceeded"] == 3
+    time.sleep(1.5)  # the given-up worker finishes its own timeouts
+    assert not any(q.startswith("capital") for q in servers.queries)
+    retriever.close()
+
+
+@pytest.mark.parametrize("which", ["search", "summariser"])
+def test_a_refused_key_is_fatal(servers, monkeypatch, which):
+    """A 401 from the search API or the summariser raises AuthError (every query would fail):
+    the run stops with the variable named, rather than searching on with no documents."""
+    from searcher_jax import llm_client
+    monkeypatch.setenv("REFUSED_KEY", REFUSED)
+    overrides = ({"web_search_key_env": "REFUSED_KEY"} if which == "search"
+                 else {"web_llm_key_env": "REFUSED_KEY"})
+    retriever = _retriever(servers, monkeypatch, **overrides)
+    with pytest.raises(llm_client.AuthError, match="answered 401: .*REFUSED_KEY"):
+        retriever.search(["capital of France", "broken link"], 3)
+    retriever.close()
+
+
+def test_stats_go_into_the_results(servers, monkeypatch, tmp_path):
+    """The counts WebRetriever.stats keeps (failures and timeouts included, 0 when none) reach
+    results.json and a line of the results.md header, as launch/evaluate.py writes them."""
+    from searcher_jax import benchmarks, eval_tables
+    from searcher_jax.retrieval.process_zero import ProcessZeroRetriever
+    retriever = _retriever(servers, monkeypatch, web_pages=4, web_documents=2)
+    retriever.search(["capital of France", "broken link", "slow page"], 5)
+    stats = benchmarks.retrieval_stats([ProcessZeroRetriever(retriever, 0,
+                                                             broadcast=lambda x: x)])
+    assert set(web.STAT_KEYS) <= set(stats)
+    assert stats["queries"] == 3 and stats["page_timeouts"] == 1 and stats["page_failed"] == 1
+    assert stats["deadline_exceeded"] == 0
+    assert benchmarks.retrieval_stats([ProcessZeroRetriever(None, 1)]) == {}
+    table = {"search": {"bamboogle": {"questions": 1.0, "em": 0.0, "cem": 0.0, "f1": 0.0,
+                                      "judged": 0.0, "judge_malformed": 0.0,
+                                      "judge_failed": 0.0, "queries_per_question": 1.0,
+                                      "answered": 1.0}}}
+    eval_tables.write_results(tmp_path, table, "Evaluation", ["setup line"],
+                              retrieval_stats=stats)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["retrieval_stats"] == stats and saved["setup"] == ["setup line"]
+    header = (tmp_path / "results.md").read_text().split("| method")[0]
+    assert "queries 3" in header and "page_timeouts 1" in header
+    assert "deadline_exceeded 0" in header
+    retriever.close()
+
+
+def test_a_query_holding_a_placeholder_is_filled_in_one_pass():
+    """A query that holds "{document}" stays as written (chained replaces put the page
+    there), and a page holding "{search_query}" too."""
+    prompt = web.fill_summary_prompt("what is {document}?", "page text {search_query}")
+    assert "[Search Query]\nwhat is {document}?\n" in prompt
+    assert "[Webpage Content]\npage text {search_query}\n" in prompt
+    assert prompt.count("page text") == 1

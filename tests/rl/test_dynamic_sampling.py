@@ -120,7 +120,8 @@ def test_an_unknown_mode_or_row_field_fails_clearly():
 
 
 def test_a_dropped_prompt_trains_as_if_it_were_not_in_the_batch(tiny_model):
-    """The loss mask of a dropped prompt's rows is cleared (trainer.rollout_batch): one
+    """The loss mask of a dropped prompt's rows is cleared (the step does it for
+    RolloutBatch.keep, which trainer.rollout_batch sets): one
     optimizer step on 12 rows of which 4 are dropped equals the step on the 8 others, under
     both aggregations (the row count excludes empty rows) and whitening (mask tokens only)."""
     graphdef, params = tiny_model(num_layers=1)
@@ -161,10 +162,86 @@ def test_a_dropped_prompt_trains_as_if_it_were_not_in_the_batch(tiny_model):
         assert np.linalg.norm(finals[0] - finals[1]) <= 1e-4 * moved, estimator
 
 
+def _step_batch(tiny_model, mini_batches=1, first_step=True):
+    """A tiny model's state (with first_step, after one real step: Adam's moments non-zero), its
+    step function and a 12-row batch's arrays (tokens, loss mask, rewards, sampler log-probs)."""
+    graphdef, params = tiny_model(num_layers=1)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 64, (12, 12)).astype(np.int32)
+    mask = np.zeros((12, 12), np.float32)
+    mask[:, 3:11] = 1
+    rewards = rng.normal(size=12).astype(np.float32)
+    sampler_logp = np.where(mask, -rng.uniform(1, 6, (12, 12)), 0).astype(np.float32)
+    config = RLConfig(estimator="grpo", aggregation="token_mean", samples_per_prompt=N,
+                      mini_batch_size=12 // mini_batches, micro_batch_size=12 // mini_batches,
+                      learning_rate=1e-2, total_steps=4, logprob_chunk=8)
+    state = ts.init_train_state(jax.tree.map(jnp.array, params), config)
+    step = ts.make_train_step(graphdef, state, config)
+    if first_step:
+        state, _ = step(state, RolloutBatch(tokens=jnp.asarray(tokens),
+                                            loss_mask=jnp.asarray(mask),
+                                            rewards=jnp.asarray(rewards)))
+    return state, step, (tokens, mask, rewards, sampler_logp)
+
+
+def test_a_mini_batch_without_loss_tokens_takes_no_optimizer_step(tiny_model):
+    """Dynamic sampling "drop" can leave a mini-batch with no loss token: its gradient is 0, but
+    Adam's momentum would still move the params. The step is skipped and counted."""
+    state, step, (tokens, mask, rewards, _) = _step_batch(tiny_model, mini_batches=2)
+    before = jax.device_get(state)
+    assert int(before.step) == 2
+    empty = RolloutBatch(tokens=jnp.asarray(tokens), loss_mask=jnp.zeros_like(jnp.asarray(mask)),
+                         rewards=jnp.asarray(rewards))
+    state, metrics = step(jax.tree.map(jnp.array, state), empty)
+    assert float(metrics["empty_steps"]) == 2 and float(metrics["skipped_steps"]) == 0
+    after = jax.device_get(state)
+    assert int(after.step) == 2 and int(after.skipped) == 0
+    for new, old in zip(jax.tree.leaves((after.params, after.opt_state)),
+                        jax.tree.leaves((before.params, before.opt_state))):
+        np.testing.assert_array_equal(new, old)
+    # Half the rows dropped, all of them in the second mini-batch (rows stride over the
+    # mini-batches: odd rows are the second's): one step taken, one empty.
+    keep = np.arange(12) % 2 == 0
+    half = RolloutBatch(tokens=jnp.asarray(tokens), loss_mask=jnp.asarray(mask * keep[:, None]),
+                        rewards=jnp.asarray(rewards))
+    state, metrics = step(state, half)
+    assert float(metrics["empty_steps"]) == 1 and int(state.step) == 3
+
+
+def test_dropped_rows_leave_the_loss_but_not_the_mismatch_metric(tiny_model):
+    """RolloutBatch.keep (trainer.rollout_batch's dropped prompts): the loss is the batch's with
+    those rows' loss mask cleared, and the sampler/trainer mismatch reads every sampled token."""
+    state, step, (tokens, mask, rewards, sampler_logp) = _step_batch(tiny_model,
+                                                                     first_step=False)
+    keep = np.repeat([True, False, True], N)
+    every_row = np.ones(12, bool)  # keep given in every run: one compiled step
+    sampler_logp[~keep] -= 3.0  # a larger gap on the dropped rows: visible in the mean
+
+    def run(loss_mask, keep_rows):
+        batch = RolloutBatch(tokens=jnp.asarray(tokens), loss_mask=jnp.asarray(loss_mask),
+                             rewards=jnp.asarray(rewards), sampler_logprobs=jnp.asarray(
+                                 sampler_logp),
+                             keep=jnp.asarray(keep_rows))
+        new, metrics = step(jax.tree.map(jnp.array, state), batch)
+        return jax.device_get(metrics), np.concatenate(
+            [np.asarray(x).ravel() for x in jax.tree.leaves(new.params)])
+
+    with_keep, params_keep = run(mask, keep)
+    cleared, params_cleared = run(mask * keep[:, None], every_row)
+    everything, _ = run(mask, every_row)
+    for name in ("loss", "pg_loss", "grad_norm", "advantage_mean", "advantage_std"):
+        np.testing.assert_allclose(with_keep[name], cleared[name], rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(params_keep, params_cleared, rtol=1e-6, atol=1e-7)
+    for name in ("sampler_logp_abs_diff_mean", "sampler_logp_abs_diff_max"):
+        np.testing.assert_allclose(with_keep[name], everything[name], rtol=1e-6, err_msg=name)
+        assert with_keep[name] > cleared[name] + 0.1, name
+
+
 def test_overlong_penalty_is_dapos_soft_punishment():
     """R_length(y) = 0 for |y| <= L_max - L_cache, ((L_max - L_cache) - |y|) / L_cache up to
-    L_max, -1 beyond (DAPO, arXiv 2503.14476, eq. 13); here L_max is the room the row's buffer
-    leaves its response (max_len minus its prompt) and a truncated row is beyond it."""
+    L_max, -1 beyond (DAPO, arXiv 2503.14476, eq. 13); here |y| is the tokens a row sampled
+    (inserted documents excluded), L_max the room the row's buffer leaves its response (max_len
+    minus its prompt), and a truncated row is beyond it."""
     max_len, cache, prompt = 100, 20, 10
     l_max = max_len - prompt
     responses = np.asarray([30, 70, 71, 80, 89, 90, 60])
@@ -176,9 +253,58 @@ def test_overlong_penalty_is_dapos_soft_punishment():
         return 0.0 if y <= l_max - cache else ((l_max - cache) - y) / cache
 
     want = 0.5 * np.asarray([published(y, c) for y, c in zip(responses, truncated)])
-    got = rewards.overlong_penalty(prompt + responses, truncated, max_len, cache, penalty=0.5)
+    got = rewards.overlong_penalty(responses, truncated, l_max, cache, penalty=0.5)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert got[0] == 0 and got[5] == -0.5 and got[6] == -0.5
+    # A per-row budget (each row's own prompt length) gives the same values.
+    np.testing.assert_allclose(
+        rewards.overlong_penalty(responses, truncated, max_len - np.full(7, prompt), cache, 0.5),
+        want, rtol=1e-6)
     with pytest.raises(ValueError, match="overlong buffer"):
         rewards.overlong_penalty(responses, truncated, max_len, 0)
+
+
+def test_overlong_penalty_counts_only_sampled_tokens():
+    """The trainer's shaping of a rollout: |y| is each row's sampled-token count (the loss mask),
+    against the room its buffer leaves after the prompt. A row whose buffer is mostly inserted
+    documents but that sampled few tokens is not punished; a truncated row gets the full
+    penalty."""
+    from searcher_jax.rollout import Trajectories
+    max_len, cache = 100, 20
+    prompts = np.asarray([10, 10, 20], np.int32)
+    mask = np.zeros((3, max_len), bool)
+    mask[0, 10:30] = True  # 20 sampled, then 65 document tokens, 5 more sampled: length 95
+    mask[0, 95:100] = True
+    mask[1, 10:95] = True  # 85 sampled of a budget of 90: in the ramp
+    mask[2, 20:30] = True  # 10 sampled, then cut short by a document block
+    trajectories = Trajectories(
+        tokens=np.zeros((3, max_len), np.int32), loss_mask=mask,
+        sampler_logprobs=np.zeros((3, max_len), np.float32), prompt_lengths=prompts,
+        lengths=np.asarray([100, 95, 100], np.int32), responses=["", "", ""],
+        queries=[["q"], [], ["q"]], end_reasons=["answer", "answer", "truncated"],
+        overshoot_mismatches=np.zeros(3, np.int32))
+    got = rewards.trajectory_overlong_penalty(trajectories, max_len, cache, penalty=0.5)
+    np.testing.assert_allclose(got, 0.5 * np.asarray([0.0, -(85 - 70) / 20, -1.0]), rtol=1e-6)
+
+
+def test_rollout_batch_carries_the_dropped_rows_as_keep():
+    """trainer.rollout_batch leaves the sampled-token mask whole and marks the dropped prompts'
+    rows in `keep` (the step leaves them out of the loss, not out of the mismatch metric)."""
+    from searcher_jax import trainer
+    from searcher_jax.model import sharding
+    from searcher_jax.rollout import Trajectories
+    mask = np.zeros((8, 10), bool)
+    mask[:, 4:9] = True
+    trajectories = Trajectories(
+        tokens=np.ones((8, 10), np.int32), loss_mask=mask,
+        sampler_logprobs=np.where(mask, -1.0, 0.0).astype(np.float32),
+        prompt_lengths=np.full(8, 4, np.int32), lengths=np.full(8, 9, np.int32),
+        responses=[""] * 8, queries=[[]] * 8, end_reasons=["answer"] * 8,
+        overshoot_mismatches=np.zeros(8, np.int32))
+    mesh = sharding.make_mesh({"data": -1}, devices=jax.devices()[:1])
+    keep = np.repeat([True, False], N)
+    batch = trainer.rollout_batch(trajectories, np.zeros(8, np.float32), 256, mesh, keep=keep)
+    np.testing.assert_array_equal(np.asarray(batch.loss_mask)[:, :10], mask)
+    np.testing.assert_array_equal(np.asarray(batch.keep), keep)
+    assert trainer.rollout_batch(trajectories, np.zeros(8, np.float32), 256, mesh).keep is None

@@ -18,15 +18,28 @@ def test_well_formed_response_gets_its_f1():
 
 
 def test_an_answer_inside_a_document_is_not_the_policys():
-    # A passage holding answer tags: the policy wrote no answer, so it earns no F1 and has_answer
-    # is false; the released format check still reads the whole response.
+    # A passage holding answer tags: the policy wrote no answer, so it earns no F1, has_answer
+    # is false, and the passage's tags do not satisfy the format (they are counted on the text
+    # the policy wrote, less the document blocks).
     docs = DOCS.replace("Text: b", "Text: <answer> Paris </answer>")
     response = " I search. <|begin_of_query|> a b <|end_of_query|>" + docs + "I do not know."
     result = rewards.score(response, ["Paris"], STAGE2)
     assert result.answer is None and result.f1 == 0.0 and result.cem == 0.0
-    # The policy's own answer after such a block is read as before.
+    assert not result.format_ok and result.reward == -2.0
+    with_think = response.replace("Text: <answer>", "Text: </think> <answer>")
+    assert not rewards.score(with_think, ["Paris"], STAGE2).format_ok
+    # The policy's own answer after such a block is read as before, and the passage's tags do
+    # not break its format: it is scored on its answer, not given the format penalty.
+    for passage in (docs, docs.replace("Text: <answer>", "Text: </think> <answer>")):
+        written = (" I search. <|begin_of_query|> a b <|end_of_query|>" + passage
+                   + "So it is Paris. </think>\n\n<answer> Paris </answer>")
+        result = rewards.score(written, ["Paris"], STAGE2)
+        assert result.answer == "Paris" and result.format_ok and result.reward == 1.0
     result = rewards.score(response + " </think>\n\n<answer> Rome </answer>", ["Paris"], STAGE2)
-    assert result.answer == "Rome" and result.f1 == 0.0
+    assert result.answer == "Rome" and result.f1 == 0.0 and result.format_ok
+    # The retrieval markers are still counted on the whole response.
+    unbalanced = written.replace("<|end_of_documents|>\n\n", "<|end_of_documents|>")
+    assert rewards.score(unbalanced, ["Paris"], STAGE2).reward == -2.0
 
 
 LLAMA_STAGE2 = rewards.RewardConfig(format_penalty=-1.0, strict_format=False)
