@@ -2,8 +2,15 @@
 import os
 import pathlib
 
-# Must be set before jax is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere in the test session. XLA:CPU ends the process
+# when a device's thread waits over 40 s in a collective (its default terminate timeout).
+# Suite runs here died three times with a bare "Fatal Python error: Aborted" inside a step
+# sharded over the 8 simulated devices (pytest's capture swallowed XLA's message, and three
+# concurrent reruns did not reproduce it), which that timeout on 2 busy cores would cause;
+# raised so that slowness cannot end a run, while a real deadlock still does.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
