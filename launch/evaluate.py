@@ -97,7 +97,7 @@ def main(argv):
     import jax
     from flax import nnx
 
-    from searcher_jax import benchmarks, checkpoint, eval_tables, judge, run_config, trainer
+    from searcher_jax import benchmarks, eval_tables, judge, run_config, trainer
     from searcher_jax.sampling import sampler as sampling
     config = trainer.resolve_world(f.config)
     sets = benchmarks.parse_sets(f.sets, config)
@@ -109,8 +109,7 @@ def main(argv):
     parts, params = trainer.build_parts(config, with_train_questions=False)
     init_from = run_config.model_source(config).init_from
     if init_from:
-        params, step_dir = checkpoint.restore_params(init_from,
-                                                     jax.tree.map(trainer.abstract_like, params))
+        params, step_dir = trainer.restore_init_params(init_from, params)
         parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
                                                             parts.mesh))
         logging.warning("evaluating the params of %s", step_dir)

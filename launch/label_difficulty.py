@@ -67,10 +67,9 @@ def policy(batch_size: int):
     """(draw, rows per rollout) of the run config's policy: its model (or init_from's latest
     checkpoint), training sampler and rollout config."""
     # pylint: disable=import-outside-toplevel
-    import jax
     from flax import nnx
 
-    from searcher_jax import checkpoint, difficulty, run_config, trainer
+    from searcher_jax import difficulty, run_config, trainer
     from searcher_jax.sampling import sampler as sampling
     config = trainer.resolve_world(flags.FLAGS.config)
     with config.unlocked():
@@ -78,8 +77,7 @@ def policy(batch_size: int):
     parts, params = trainer.build_parts(config, with_train_questions=False)
     init_from = run_config.model_source(config).init_from
     if init_from:
-        params, step_dir = checkpoint.restore_params(init_from,
-                                                     jax.tree.map(trainer.abstract_like, params))
+        params, step_dir = trainer.restore_init_params(init_from, params)
         parts.sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
                                                        parts.mesh))
         logging.warning("sampling with the params of %s", step_dir)

@@ -326,10 +326,7 @@ def train(config) -> dict[str, Any]:
     graphdef = parts.graphdef
     if init_from:
         # The HF weights make way for the checkpoint's, laid out on the same shardings.
-        abstract = jax.tree.map(abstract_like, params)
-        del params
-        with _naming(init_from):
-            params, step_dir = checkpoint_lib.restore_params(init_from, abstract)
+        params, step_dir = restore_init_params(init_from, params)
         logging.info("started from step %s of %s (config.model.init_from): the initial policy "
                      "and the reference", step_dir.name, step_dir.parent)
     state = train_step_lib.make_init_fn(rl, params, parts.mesh)(params)
@@ -451,6 +448,14 @@ def _naming(init_from: str):
         yield
     except (FileNotFoundError, ValueError, checkpoint_lib.CheckpointDamagedError) as error:
         raise type(error)(f"config.model.init_from={init_from}: {error}") from error
+
+
+def restore_init_params(init_from: str, params):
+    """(params of init_from's latest step laid out like `params`, that step's directory).
+    Raises what checkpoint.restore_params raises, naming config.model.init_from."""
+    abstract = jax.tree.map(abstract_like, params)
+    with _naming(init_from):
+        return checkpoint_lib.restore_params(init_from, abstract)
 
 
 class _StopSignal:
