@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -129,10 +130,19 @@ def map_with_deadline(pool: concurrent.futures.Executor, fn: Callable[[Any], Any
         raise ValueError(f"deadline_s ({deadline_s}) must be > 0 and concurrency "
                          f"({concurrency}) >= 1")
     starts: list[float | None] = [None] * len(items)
+    failed = threading.Event()
 
     def run(i):
+        # Set in the worker, before it takes the next item: a fatal error (a refused key)
+        # must not be followed by one more request while the caller polls.
+        if failed.is_set():
+            return None  # never returned: the failure is raised from its own future
         starts[i] = time.monotonic()
-        return fn(items[i])
+        try:
+            return fn(items[i])
+        except BaseException:
+            failed.set()
+            raise
 
     futures = [pool.submit(run, i) for i in range(len(items))]
     overall = time.monotonic() + deadline_s * math.ceil(len(items) / concurrency)

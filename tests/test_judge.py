@@ -1,6 +1,7 @@
 """The LLM judge (ACC_L) against an OpenAI-format chat server on loopback: verdicts, a
 malformed reply (counted), a 500 then success (retried), a server that keeps failing (counted,
 not fatal), a rerun served from the cache with no request, and the API key in no file."""
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -277,6 +278,32 @@ def test_a_refused_key_stops_the_run_at_once(scripted, monkeypatch, tmp_path):
             judge.judge_rows(rows, verdicts, judge.VerdictCache(tmp_path / "cache.jsonl"))
         assert server.requests == 1
         assert not (tmp_path / "cache.jsonl").exists()
+
+
+def test_a_fatal_error_starts_no_further_item(monkeypatch):
+    """The worker that raised takes no next item, even when the caller is slow to notice (CI
+    once saw a second request after a 401: the worker had started item 1 before the caller's
+    cancel)."""
+    calls = []
+
+    def fn(i):
+        calls.append(i)
+        if i == 0:
+            time.sleep(0.05)  # the caller is in its wait by then
+            raise llm_client.AuthError("refused")
+        return i
+
+    real_wait = concurrent.futures.wait
+
+    def slow_wait(*args, **kwargs):
+        time.sleep(0.2)  # the caller is descheduled while the worker runs on
+        return real_wait(*args, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "wait", slow_wait)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with pytest.raises(llm_client.AuthError):
+            llm_client.map_with_deadline(pool, fn, list(range(5)), 10.0, 1)
+    assert calls == [0]
 
 
 def test_a_key_echoed_by_the_server_is_written_nowhere(scripted, monkeypatch, tmp_path):
