@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--preset", default="demo", choices=sorted(build.PRESETS))
     parser.add_argument("--seed", type=int, default=None, help="overrides the world's seed")
     parser.add_argument("--steps", type=int, default=None,
-                        help="overrides pretraining steps (warmup capped at a tenth of them)")
+                        help="overrides pretraining steps (warmup capped at a tenth of them, "
+                             "the short-row phase at a half)")
     parser.add_argument("--train", action="store_true",
                         help="train the base model even if the committed one matches")
     parser.add_argument("--package", action="store_true",
@@ -54,7 +55,8 @@ def main() -> None:
     if args.steps is not None:
         pretrain_config = dataclasses.replace(
             pretrain_config, steps=args.steps,
-            warmup_steps=min(pretrain_config.warmup_steps, args.steps // 10))
+            warmup_steps=min(pretrain_config.warmup_steps, args.steps // 10),
+            short_steps=min(pretrain_config.short_steps, args.steps // 2))
     start = time.time()
     paths = build.build(args.out_dir, world_config, pretrain_config, use_packaged=not args.train)
     print(f"build done in {time.time() - start:.1f}s: {paths.root}")

@@ -7,17 +7,17 @@ Methods are policies.py's policies, one implementation for the demo's comparison
 
     naive   no retrieval: the prompt, then a forced opening that ends where the answer is
             written (`EvalConfig.naive_opening`), searches disabled;
-    rag     standard RAG: the question searched once, its documents inserted before the
-            model goes on (`rag_opening` before the forced query), searches disabled after;
+    rag     standard RAG: the question searched once, its documents put in the prompt
+            before the question (`prompts.rag_question`), nothing forced, searches disabled;
     search  the prompt alone: the policy searches as it learned to.
 
 Every method runs the same model, prompt style, sampler (greedy) and rollout config
 (`eval_rollout`: 9 retrievals, top 5 in configs/base.py). Per set and method the records go to
 `<out>/records/<set>.<method>.jsonl` (evaluation.Record's fields, in the released traces' names,
-plus set, method, retrievals and the judge's verdict), and the run's table, computed from those
-rows by eval_tables (so `--from_traces <out>` recomputes it), to `<out>/results.md` and
-`results.json`, headed by the pinned setup (`setup_notes`): two tables are comparable, or
-visibly not.
+plus set, method, retrievals, what the method put around the question (`record_row`) and the
+judge's verdict), and the run's table, computed from those rows by eval_tables (so
+`--from_traces <out>` recomputes it), to `<out>/results.md` and `results.json`, headed by the
+pinned setup (`setup_notes`): two tables are comparable, or visibly not.
 """
 from __future__ import annotations
 
@@ -36,11 +36,10 @@ from searcher_jax.data.questions import split_spec
 from searcher_jax.retrieval import retriever as retriever_lib
 
 METHODS = {"naive": policies.NAIVE, "rag": policies.RAG, "search": policies.SEARCH}
-# A real model's forced openings (the synthetic world's base model has its own, `openings`):
-# the naive one closes the reasoning where the prompt's format puts the answer next; the model
-# writes the answer tags itself (a forced text is prompt, and only the policy's text is read).
+# A real model's naive opening (the synthetic world's base model has its own, `naive_opening`):
+# it closes the reasoning where the prompt's format puts the answer next; the model writes the
+# answer tags itself (a forced text is prompt, and only the policy's text is read).
 NAIVE_OPENING = " I will answer from what I know, without searching.</think>\n\n"
-RAG_OPENING = " I will search for the question first.\n\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +68,6 @@ class EvalConfig:
     methods: str = "search"          # comma-separated METHODS
     order: str = ""                  # comma-separated keys of `sets`: the default sets' order
     naive_opening: str = NAIVE_OPENING
-    rag_opening: str = RAG_OPENING
     encoder: str = ""                # the pinned encoder (a note flags an index built otherwise)
     corpus_note: str = ""            # e.g. the retriever's query instruction and pooling
     metrics: str = ("EM, CEM (ACC_R) and F1 of pred_ans against every gold (max), the released "
@@ -143,21 +141,18 @@ def parse_methods(spec: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
-def openings(config) -> tuple[str, str]:
-    """(naive opening, RAG opening): the synthetic world's base model's (its no-search mode and
-    a search intro it was pretrained on, as the demo's comparison uses), else config.eval's."""
+def naive_opening(config) -> str:
+    """The naive method's forced opening: the synthetic world's base model's no-search mode (as
+    the demo's comparison uses), else config.eval's."""
     if run_config.world_source(config).dir:
         # pylint: disable-next=import-outside-toplevel
-        from searcher_jax.synthetic import reading, templates
-        return reading.CLOSED_BOOK, templates.SEARCH_INTROS[0]
-    cfg = eval_config(config)
-    return cfg.naive_opening, cfg.rag_opening
+        from searcher_jax.synthetic import reading
+        return reading.CLOSED_BOOK
+    return eval_config(config).naive_opening
 
 
 def policy_for(method: str, config) -> policies.Policy:
-    naive_opening, rag_opening = openings(config)
-    return policies.Policy(method, METHODS[method], naive_opening=naive_opening,
-                           rag_opening=rag_opening)
+    return policies.Policy(method, METHODS[method], naive_opening=naive_opening(config))
 
 
 def _encoder_of(index_dir: str) -> str:
@@ -181,7 +176,6 @@ def setup_notes(config, sets: Sequence[EvalSet], methods: Sequence[str], judge_l
     sampler = run_config.sampler_config(config)
     data = run_config.data_config(config)
     model = run_config.model_source(config)
-    naive_opening, rag_opening = openings(config)
     notes = [
         f"model: {model.hf_dir}" + (f", params from {model.init_from}" if model.init_from else "")
         + f"; prompt style {data.prompt_style}; greedy decoding, buffer {sampler.max_len} "
@@ -189,9 +183,9 @@ def setup_notes(config, sets: Sequence[EvalSet], methods: Sequence[str], judge_l
         f"retrieval: {retrieval.backend} backend, top-{rollout.top_k} passages per search, at "
         f"most {rollout.max_retrievals} retrievals per question" + (
             f" ({cfg.corpus_note})" if cfg.corpus_note else ""),
-        f"methods: {', '.join(methods)} (naive: forced opening {naive_opening!r}, no search; "
-        f"rag: the question searched once after {rag_opening!r}, no search after; search: the "
-        f"policy's own searches)",
+        f"methods: {', '.join(methods)} (naive: forced opening {naive_opening(config)!r}, no "
+        f"search; rag: the question searched once, its documents in the prompt before the "
+        f"question, no search after; search: the policy's own searches)",
         f"metrics: {cfg.metrics}; {judge_line}",
     ]
     for s in sets:
@@ -215,12 +209,16 @@ def setup_notes(config, sets: Sequence[EvalSet], methods: Sequence[str], judge_l
 
 
 def record_row(record: policies.PolicyRecord, set_name: str, method: str) -> dict[str, Any]:
-    """One record file line: evaluation.Record's fields plus set, method, retrievals and
-    forced_prefix (the text a baseline forced after the prompt, before gen_text_store: RAG's
-    query and documents)."""
+    """One record file line: evaluation.Record's fields plus set, method, retrievals and what
+    the method put around the question, so that the row's prompt can be rebuilt: the prompt
+    style's prompt of `prompt_documents + question`, then `forced_prefix`.
+
+    prompt_documents: RAG's documents block, before the question in the prompt ("" otherwise).
+    forced_prefix: naive's opening, tokenized after the prompt before gen_text_store ("" else).
+    """
     row = dataclasses.asdict(record.record)
     row.update(set=set_name, method=method, retrievals=record.retrievals,
-               forced_prefix=record.forced)
+               prompt_documents=record.prompt_documents, forced_prefix=record.forced)
     return row
 
 

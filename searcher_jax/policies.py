@@ -2,17 +2,18 @@
 
 The paper's Table 1 sets the RL-trained searcher against naive generation and
 standard retrieval-augmented generation (RAG). Here every policy is the same
-model and the same rollout; a policy only differs in what is written before
-the model continues (a forced response prefix) and in whether it may search:
+model and the same rollout; a policy only differs in what the prompt carries,
+what is forced after it, and whether the model may search:
 
     naive   no retrieval: the prompt and a forced opening that answers from memory
             (`naive_opening`), searches disabled (max_retrievals 0);
-    rag     standard RAG: the question itself is searched once, its documents
-            inserted as the first document block, searches disabled after;
+    rag     standard RAG (the paper's Naive-RAG): the question itself is searched once
+            and its documents fill the prompt's question slot BEFORE the question
+            (`prompts.rag_question`); nothing is forced, searches disabled;
     search  the prompt alone: the model searches as it learned to (before RL the
             base model, after RL the trained policy).
 
-A forced prefix keeps the base model in the one format it knows (a base model
+The naive opening keeps the base model in the one format it knows (a base model
 has no other way to be told "answer now"); with searches disabled, a row that
 writes a query anyway ends with `retrieval_limit` and scores as unanswered.
 
@@ -30,9 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from searcher_jax import evaluation
-from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY
+from searcher_jax.data import prompts
 from searcher_jax.data.questions import Question
-from searcher_jax.retrieval.passage import documents_block
 from searcher_jax.rl import rewards
 from searcher_jax.rollout import RolloutConfig, Searcher, Tokenizer, clean_query
 from searcher_jax.sampling.sampler import Sampler
@@ -50,12 +50,10 @@ class Policy:
     kind: NAIVE, RAG or SEARCH (module docstring).
     naive_opening: NAIVE only: the forced start of the response, ending where the
       answer is to be written (the synthetic world's base model: its no-search mode).
-    rag_opening: RAG only: the response text before the forced query.
     """
     name: str
     kind: str
     naive_opening: str = ""
-    rag_opening: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -65,26 +63,55 @@ class Policy:
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyRecord:
-    """One question under one policy: the evaluation record and what was retrieved."""
-    record: evaluation.Record
-    retrievals: int                    # searches whose documents were inserted (forced too)
-    retrieved_titles: frozenset[str]   # titles of every inserted passage
-    forced: str = ""                   # the text forced after the prompt (forced_prefix)
+class PolicyInput:
+    """What a policy gives the model for one question, before the model writes.
+
+    The prompt is the run's prompt style around `documents + question` (exactly
+    `prompts.rag_question(question, rendered passages)` for RAG), then `forced`.
+    documents: RAG: the documents block the prompt's question slot holds before the
+      question ("" otherwise).
+    forced: NAIVE: the opening tokenized after the prompt ("" otherwise).
+    passages: the passages in `documents`, in order.
+    """
+    documents: str = ""
+    forced: str = ""
+    passages: tuple = ()
 
 
-def forced_prefix(policy: Policy, question: str, retriever: Searcher,
-                  top_k: int) -> tuple[str, list]:
-    """(text forced after the prompt, the passages it inserted) for one question."""
+def policy_input(policy: Policy, question: str, retriever: Searcher, top_k: int) -> PolicyInput:
+    """The policy's input for one question; only RAG calls the retriever (once, with the
+    cleaned question, as a query the model wrote would be)."""
     if policy.kind == NAIVE:
-        return policy.naive_opening, []
+        return PolicyInput(forced=policy.naive_opening)
     if policy.kind == RAG:
-        query = clean_query(question)
-        passages = retriever.search([query], top_k)[0]
-        text = (f"{policy.rag_opening}{BEGIN_QUERY} {query}{END_QUERY}"
-                + documents_block(passages))
-        return text, passages
-    return "", []
+        passages = retriever.search([clean_query(question)], top_k)[0]
+        # rag_question of an empty question is the documents text alone; keeping it apart
+        # lets a record say what the prompt held without repeating the question.
+        return PolicyInput(documents=prompts.rag_question("", [p.render() for p in passages]),
+                           passages=tuple(passages))
+    return PolicyInput()
+
+
+def input_ids(policy_in: PolicyInput, question: str, encode_prompt: Callable[[str], list[int]],
+              tokenizer: Tokenizer) -> list[int]:
+    """The token ids the model starts from: the prompt of the question slot's text, then the
+    forced opening tokenized as the model's own text (no special tokens)."""
+    ids = list(encode_prompt(policy_in.documents + question))
+    if policy_in.forced:
+        ids += tokenizer.encode(policy_in.forced, add_special_tokens=False)
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRecord:
+    """One question under one policy: the evaluation record, what was retrieved and what the
+    policy put around the question (PolicyInput's documents and forced), so that a record
+    file says which prompt each row was produced from."""
+    record: evaluation.Record
+    retrievals: int                    # searches whose documents the model read (RAG's one too)
+    retrieved_titles: frozenset[str]   # titles of every passage the model read
+    forced: str = ""                   # NAIVE: the opening forced after the prompt
+    prompt_documents: str = ""         # RAG: the documents block before the question
 
 
 def evaluate_policy(policy: Policy, sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
@@ -95,39 +122,38 @@ def evaluate_policy(policy: Policy, sampler: Sampler, tokenizer: Tokenizer, retr
                     on_batch: Callable[[int], None] | None = None) -> list[PolicyRecord]:
     """Every question under `policy` (greedy when the sampler is), in question order.
 
-    encode_prompt: question text -> prompt ids (the run's prompt style). The forced
-    prefix is tokenized after the prompt, so the model sees it as its own text.
+    encode_prompt: question-slot text -> prompt ids (the run's prompt style, base or
+    instruct); RAG's documents go through it with the question (`input_ids`).
     Searched titles of SEARCH rows come from searching the rows' queries again with
     `config.top_k`, which gives the inserted passages for a deterministic retriever;
     record_titles=False skips that second search (a benchmark that does not measure gold
-    retrieval, or a web backend whose every search costs), leaving the forced passages' only.
+    retrieval, or a web backend whose every search costs), leaving RAG's passages only.
     So the retriever is called: never by NAIVE, once per question by RAG, and by SEARCH
     once per round of the rollout (plus once per searching row with record_titles).
     on_batch: evaluation.evaluate's progress callback.
     """
-    forced = [forced_prefix(policy, q.question, retriever, config.top_k) for q in questions]
-    by_question = {q.question: encode_prompt(q.question)
-                   + tokenizer.encode(text, add_special_tokens=False)
-                   for q, (text, _) in zip(questions, forced)}
+    inputs = [policy_input(policy, q.question, retriever, config.top_k) for q in questions]
+    by_question = {q.question: input_ids(policy_in, q.question, encode_prompt, tokenizer)
+                   for q, policy_in in zip(questions, inputs)}
     if policy.kind != SEARCH:
         config = dataclasses.replace(config, max_retrievals=0)
     records = evaluation.evaluate(sampler, tokenizer, retriever, questions, by_question.__getitem__,
                                   batch_size, config, reward_config=reward_config,
                                   eos_ids=eos_ids, on_batch=on_batch)
     out = []
-    for record, (text, passages) in zip(records, forced):
+    for record, policy_in in zip(records, inputs):
         searched = ([p for hits in retriever.search(list(record.queries), config.top_k)
                      for p in hits] if record.queries and record_titles else [])
         out.append(PolicyRecord(
             record=record, retrievals=(policy.kind == RAG) + len(record.queries),
-            retrieved_titles=frozenset(p.title for p in list(passages) + searched),
-            forced=text))
+            retrieved_titles=frozenset(p.title for p in list(policy_in.passages) + searched),
+            forced=policy_in.forced, prompt_documents=policy_in.documents))
     return out
 
 
 def summarize(records: Sequence[PolicyRecord],
               gold_titles: Mapping[str, Sequence[str]] | None = None) -> dict[str, float]:
-    """evaluation.summarize's means, retrievals per question counting forced ones, and
+    """evaluation.summarize's means, retrievals per question counting RAG's, and
     `gold_retrieved`: the share of questions (by id) whose gold titles were all retrieved."""
     summary = evaluation.summarize([r.record for r in records])
     summary["queries_per_question"] = float(np.mean([r.retrievals for r in records]))

@@ -39,7 +39,6 @@ from searcher_jax import run_report
 from searcher_jax.sampling import sampler as sampling
 from searcher_jax import trainer
 from searcher_jax.synthetic import reading
-from searcher_jax.synthetic import templates
 
 STAGE1, STAGE2 = "stage1", "stage2"
 POLICY_NAMES = ("naive (no search)", "standard RAG", "base, searching", "trained (RL)")
@@ -126,7 +125,7 @@ def compare(config, workdir: epath.Path) -> dict[str, dict[str, dict[str, float]
     questions = parts.eval_questions[:train_cfg.eval_questions]
     groups, gold = _groups_and_gold(config, questions)
     naive = policies.Policy(POLICY_NAMES[0], policies.NAIVE, naive_opening=reading.CLOSED_BOOK)
-    rag = policies.Policy(POLICY_NAMES[1], policies.RAG, rag_opening=templates.SEARCH_INTROS[0])
+    rag = policies.Policy(POLICY_NAMES[1], policies.RAG)
     base = policies.Policy(POLICY_NAMES[2], policies.SEARCH)
     trained = policies.Policy(POLICY_NAMES[3], policies.SEARCH)
     encode = trainer.encode_prompt_fn(parts.tokenizer,

@@ -190,7 +190,9 @@ class _Counting:
 
 def test_world_sets_with_three_methods_recompute_from_their_records(world_model_dir, tmp_path):
     from configs import demo
-    from searcher_jax import trainer
+    from searcher_jax import run_config, trainer
+    from searcher_jax.rollout import clean_query
+    from searcher_jax.synthetic import reading
     config = demo.get_config()
     config.world.dir = str(world_model_dir)
     config.eval_rollout.max_retrievals = 2
@@ -212,7 +214,17 @@ def test_world_sets_with_three_methods_recompute_from_their_records(world_model_
     assert len(calls["rag"]) == 8 and all(len(q) == 1 for q in calls["rag"])  # 2 sets x 4
     rows = eval_tables.read_records(benchmarks.records_path(tmp_path, "held_out", "rag"))
     assert [r["retrievals"] for r in rows] == [1] * 4
-    assert all("<|begin_of_documents|>" in r["forced_prefix"] for r in rows)
+    # Each RAG row names the documents its prompt held before the question: the passages of
+    # the question searched once; nothing was forced after the prompt.
+    top_k = run_config.eval_rollout_config(config).top_k
+    for row in rows:
+        passages = parts.retriever.search([clean_query(row["question"])], top_k)[0]
+        assert row["prompt_documents"] == prompts.rag_question(
+            "", [p.render() for p in passages])
+        assert passages[0].render() in row["prompt_documents"] and row["forced_prefix"] == ""
+    naive_rows = eval_tables.read_records(benchmarks.records_path(tmp_path, "train", "naive"))
+    assert all(r["forced_prefix"] == reading.CLOSED_BOOK
+               and r["prompt_documents"] == "" for r in naive_rows)
     recomputed = eval_tables.table_of(eval_tables.group_rows(
         eval_tables.record_files([str(tmp_path)])))
     assert recomputed == table

@@ -30,6 +30,7 @@ from searcher_jax.model import hf_io
 from searcher_jax.model.decoder import Decoder
 from searcher_jax.retrieval import bm25, corpus_formats, corpus_store
 from searcher_jax.synthetic import fresh
+from searcher_jax.synthetic import names
 from searcher_jax.synthetic import pretrain as pretrain_lib
 from searcher_jax.synthetic import reading
 from searcher_jax.synthetic import tokenizer as tokenizer_lib
@@ -37,7 +38,7 @@ from searcher_jax.synthetic import world as world_lib
 from searcher_jax.synthetic import world_files
 
 # Bump when the generator's output changes for the same config, so old builds are redone.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 8
 FINGERPRINT_FILE = "fingerprint.json"
 READING_FILE = "reading.json"
 _READING_QUESTIONS = 48
@@ -128,7 +129,7 @@ def build_stage(directory: pathlib.Path, payload: dict,
 PACKAGED_MODEL_DIR = pathlib.Path(__file__).resolve().parent / "base_model"
 # The WorldConfig fields that shape the base model's behaviour (its demonstrations): the
 # model depends on these and on the PretrainConfig, not on the world's names or seed.
-BEHAVIOUR_FIELDS = ("kind_weights", "demo_top_k", "p_no_search", "p_poor_query",
+BEHAVIOUR_FIELDS = ("kind_weights", "demo_top_k", "p_rag", "p_no_search", "p_poor_query",
                     "p_wrong_answer", "p_one_hop")
 
 
@@ -150,17 +151,20 @@ def packaged_model(payload: dict) -> pathlib.Path | None:
 
 def pretraining_texts(world_config: world_lib.WorldConfig,
                       config: pretrain_lib.PretrainConfig) -> list[dict]:
-    """The base model's training text: fresh-entity demonstrations and reading drills."""
+    """The base model's training text: fresh-entity demonstrations, reading drills and
+    single-lookup drills."""
     return list(fresh.fresh_texts(world_config, world_files.reserved_text(), config.num_demos,
                                   config.num_drills, config.drill_lookups,
-                                  config.texts_per_part, config.seed))
+                                  config.texts_per_part, config.seed,
+                                  num_short_drills=config.num_short_drills))
 
 
 def _make_tokenizer(rows: list[dict], config: pretrain_lib.PretrainConfig,
                     directory: pathlib.Path) -> None:
     texts = [row["text"] for row in rows[::max(1, len(rows) // _TOKENIZER_TEXTS)]]
-    tokenizer_lib.save_tokenizer(tokenizer_lib.train_tokenizer(texts, config.vocab_size),
-                                 directory)
+    whole_words = names.LEXICON + tuple(str(year) for year in world_lib.YEARS)
+    tokenizer_lib.save_tokenizer(
+        tokenizer_lib.train_tokenizer(texts, config.vocab_size, whole_words), directory)
 
 
 def _make_model(rows: list[dict], tokenizer_dir: pathlib.Path,
@@ -173,9 +177,12 @@ def _make_model(rows: list[dict], tokenizer_dir: pathlib.Path,
                            if row["kind"] == fresh.DRILL])["input_ids"]
     demos, num_cut = pretrain_lib.demo_rows(demo_ids, eos, config.seq_len)
     stream = pretrain_lib.passage_stream(drill_ids, eos)
+    short, short_cut = pretrain_lib.demo_rows(
+        tokenizer([row["text"] for row in rows if row["kind"] == fresh.SHORT_DRILL])["input_ids"],
+        eos, config.short_seq_len)
     model = Decoder(config.model_config(len(tokenizer), eos), rngs=nnx.Rngs(config.seed))
     start = time.time()
-    losses = pretrain_lib.pretrain(model, demos, stream, config, log)
+    losses = pretrain_lib.pretrain(model, demos, stream, short, config, log)
     seconds = time.time() - start
     hf_io.save_pretrained(model, directory, eos_ids=[eos])
     for path in tokenizer_dir.iterdir():
@@ -185,7 +192,8 @@ def _make_model(rows: list[dict], tokenizer_dir: pathlib.Path,
         num_params=model.config.num_params, train_seconds=round(seconds, 1),
         num_demos=len(demo_ids), demos_cut_at_seq_len=num_cut,
         demo_tokens_mean=float(np.mean([len(ids) for ids in demo_ids])),
-        drill_tokens=int(stream.shape[0]),
+        drill_tokens=int(stream.shape[0]), short_drills=int(short.tokens.shape[0]),
+        short_drills_cut=short_cut,
         loss_first=losses[0], loss_last_10_mean=float(np.mean(losses[-10:])),
         losses_every_10=losses[::10]), indent=2))
 

@@ -6,24 +6,35 @@ base-model prompt of SPEC section 1, reasoning, queries between
 environment inserts (exact format of SPEC section 2, from a keyword search
 over the training part's passages only), and `</think>` plus an answer.
 
+A share of them (`WorldConfig.p_rag`) is standard RAG instead: the documents
+a search with the question finds sit before the question in the prompt
+(prompts.rag_question), and the response reads them and answers without
+searching, so the base model can also be evaluated as the paper's RAG baseline.
+
 They are deliberately imperfect, so that RL has something to improve: some
 answer from memory without searching (right or wrong), some write a query that
 misses the entity (then search again or guess), some search well and still
-answer wrongly, and most multi-hop ones stop after the first hop and guess
-(`WorldConfig.p_one_hop`), so that a greedy base model does too. The model pretrained on them stands in for a pretrained LLM
-that already follows the search format; it is not one.
+answer wrongly (`p_wrong_answer`, 0 in the presets), and most multi-hop ones stop after
+the first hop and answer with what it found (`WorldConfig.p_one_hop`: "Where was the
+founder of X born?" answered with the founder), so that a greedy base model does too.
+After a fact restated from the documents the answer is always that fact's value, right
+or premature, so the model learns to answer with what it read. The model pretrained on
+them stands in for a pretrained LLM that already follows the search format; it is not
+one.
 """
 import random
 
-from searcher_jax.data.prompts import BEGIN_QUERY, END_QUERY, base_prompt, documents_block
+from searcher_jax.data.prompts import (BEGIN_QUERY, END_QUERY, base_prompt, documents_block,
+                                       rag_question)
 from searcher_jax.synthetic import keyword_search
+from searcher_jax.synthetic import passages as passages_lib
 from searcher_jax.synthetic import questions as questions_lib
 from searcher_jax.synthetic import templates
 from searcher_jax.synthetic import world as world_lib
 
 # Which modes a demonstration is written in (see the module docstring).
-CLEAN, NO_SEARCH, POOR_QUERY, WRONG_ANSWER, ONE_HOP = (
-    "clean", "no_search", "poor_query", "wrong_answer", "one_hop")
+CLEAN, NO_SEARCH, POOR_QUERY, WRONG_ANSWER, ONE_HOP, RAG = (
+    "clean", "no_search", "poor_query", "wrong_answer", "one_hop", "rag")
 
 
 class DemoWriter:
@@ -69,6 +80,22 @@ class DemoWriter:
             return query.format(x=rng.choice(others))
         return query.format(x="").strip()
 
+    def rag_demonstration(self, rng: random.Random, question: questions_lib.Question) -> str:
+        """Prompt and response of standard RAG: the question's documents before it; the fact
+        of the first step read when its passage is among them and given as the answer (a
+        multi-hop question's answer is then premature: one search's documents hold one hop);
+        no search."""
+        passages = self._search.search(question.text, self._config.demo_top_k)
+        step = question.steps[0]
+        if passages_lib.gold_passage(step) not in passages:
+            text = " " + templates.GIVE_UP
+            answer = self._distractor(rng, question)
+        else:
+            text = " " + templates.fact_sentence(step.atom, step.subject, step.value)
+            answer = step.value
+        return (base_prompt(rag_question(question.text, passages)) + text
+                + templates.FINISH.format(answer=answer))
+
     def response(self, rng: random.Random, question: questions_lib.Question,
                  mode: str) -> str:
         """The text after the prompt's "<think>", through "</answer>"."""
@@ -93,8 +120,7 @@ class DemoWriter:
             text += self._search_block(query.format(x=step.subject))
             text += templates.fact_sentence(step.atom, step.subject, step.value)
             if mode == ONE_HOP:
-                guess = self._distractor(rng, question)
-                return text + templates.FINISH.format(answer=guess)
+                return text + templates.FINISH.format(answer=step.value)
         answer = (self._distractor(rng, question) if mode == WRONG_ANSWER
                   else question.answer)
         if question.verdicts:
@@ -105,6 +131,9 @@ class DemoWriter:
                       question: questions_lib.Question) -> tuple[str, str]:
         """(mode, prompt and response of one trajectory), the mode drawn by the config's shares."""
         config = self._config
+        draw = rng.random()
+        if draw < config.p_rag:
+            return RAG, self.rag_demonstration(rng, question)
         draw = rng.random()
         if draw < config.p_no_search:
             mode = NO_SEARCH

@@ -1,70 +1,79 @@
-"""Fictional names built from syllables, each word unique and substring-free.
+"""Fictional names: one word each, drawn from a fixed lexicon of made-up words.
 
-Every distinctive word the world uses (a person's given and family name, a
-place, the first word of an organisation, a work's title, a country) comes
-from one `NamePool`. A word is accepted only if it is not a substring of any
-accepted word or of the reserved text (every fixed English string the world's
-templates write), and no accepted word is a substring of it. So a text built
-from template text and some set of pool words cannot contain another pool
-word, which is what keeps evaluation names out of the pretraining text.
+Every distinctive word the world uses (a person, a place, an organisation, a
+work, a country) is one word of `LEXICON`. The lexicon is fixed (seeded by a
+string, so it is the same on every machine and for every world) because the
+synthetic tokenizer holds each of its words as ONE token: a model of about a
+million parameters copies a one-token value out of a retrieved passage
+reliably, while names of three to six syllable tokens it copied into drift
+(reading F1 0.08 with the gold passage in context; README, "The base model").
+A world draws its names from the lexicon without replacement.
+
+No lexicon word is a substring of another or of the templates' text, so a
+text built from template text and some lexicon words contains no other
+lexicon word: that keeps one part's names out of another part's passages and
+makes every name an exact keyword for search.
 """
 import random
-import re
+
+from searcher_jax.synthetic import templates
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
            "br", "dr", "kr", "st", "tr", "gr", "th", "sh")
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ae", "ei", "ia")
 _CODAS = ("", "n", "r", "l", "s", "th", "m", "nd", "x")   # only ends a word
 
-_MIN_WORD_CHARS = 5
-_MAX_WORD_CHARS = 11
-_MAX_TRIES_PER_WORD = 1000
+LEXICON_SIZE = 1600   # over the largest preset's 766 names plus a fresh part's 44
+_MIN_WORD_CHARS = 4
+_MAX_WORD_CHARS = 9
 
 
-def random_word(rng: random.Random) -> str:
-    """A lowercase word of 2 or 3 syllables, no checks."""
-    syllables = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS)
-                        for _ in range(rng.choice((2, 2, 3))))
-    return syllables + rng.choice(_CODAS)
-
-
-def redraw_words(texts: list[str], words: set[str], rng: random.Random) -> list[str]:
-    """`texts` with every whole-word occurrence of `words` replaced by a fresh random word.
-
-    A tokenizer trained on the result learns syllables rather than this world's names,
-    so a name it never saw tokenizes like one it saw.
-    """
-    pattern = re.compile(r"\b(?:" + "|".join(map(re.escape, sorted(words))) + r")\b")
-    return [pattern.sub(lambda _: random_word(rng).capitalize(), text) for text in texts]
+def _random_word(rng: random.Random) -> str:
+    """A lowercase word of two syllables and an optional coda."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(2)) + \
+        rng.choice(_CODAS)
 
 
 def _substrings(word: str) -> set[str]:
     return {word[i:j] for i in range(len(word)) for j in range(i + 1, len(word) + 1)}
 
 
+def _make_lexicon(size: int) -> tuple[str, ...]:
+    rng = random.Random("searcher_jax synthetic lexicon")
+    reserved = templates.reserved_text().lower()
+    words: list[str] = []
+    accepted: set[str] = set()
+    inside: set[str] = set()         # every substring of an accepted word
+    while len(words) < size:
+        word = _random_word(rng)
+        if (not _MIN_WORD_CHARS <= len(word) <= _MAX_WORD_CHARS or word in inside
+                or word in reserved or _substrings(word) & accepted):
+            continue
+        accepted.add(word)
+        inside |= _substrings(word)
+        words.append(word.capitalize())
+    return tuple(words)
+
+
+LEXICON: tuple[str, ...] = _make_lexicon(LEXICON_SIZE)
+
+
 class NamePool:
-    """Draws unique capitalised words; no word contains another or reserved text."""
+    """Draws lexicon words without replacement, skipping any inside `reserved_text`.
 
-    def __init__(self, rng: random.Random, reserved_text: str):
-        self._rng = rng
-        self._reserved = reserved_text.lower()
-        self._words: set[str] = set()          # lowercase accepted words
-        self._inside_words: set[str] = set()   # every substring of an accepted word
+    The order is a shuffle by `rng`, so a world's seed decides its names.
+    """
 
-
-    def _acceptable(self, word: str) -> bool:
-        if not _MIN_WORD_CHARS <= len(word) <= _MAX_WORD_CHARS:
-            return False
-        if word in self._inside_words or word in self._reserved:
-            return False
-        return not any(part in self._words for part in _substrings(word))
+    def __init__(self, rng: random.Random, reserved_text: str = ""):
+        reserved = reserved_text.lower()
+        self._words = [word for word in rng.sample(LEXICON, len(LEXICON))
+                       if word.lower() not in reserved]
+        self._next = 0
 
     def draw(self) -> str:
-        for _ in range(_MAX_TRIES_PER_WORD):
-            word = random_word(self._rng)
-            if self._acceptable(word):
-                self._words.add(word)
-                self._inside_words |= _substrings(word)
-                return word.capitalize()
-        raise RuntimeError(f"NamePool: no new word after {_MAX_TRIES_PER_WORD} tries with "
-                           f"{len(self._words)} words drawn; ask for a smaller world")
+        if self._next == len(self._words):
+            raise RuntimeError(f"NamePool: all {len(self._words)} usable lexicon words are "
+                               f"drawn (names.LEXICON_SIZE={LEXICON_SIZE}); ask for a smaller "
+                               "world")
+        self._next += 1
+        return self._words[self._next - 1]

@@ -1,9 +1,21 @@
 """Pretrains the tiny base model of the synthetic world.
 
-What it learns from (synthetic/fresh.py): search-format demonstrations (one per
-row from position 0, as a prompt sits in a rollout; EOS after a whole one; cut
-at `seq_len` when longer) and windows of the packed reading drills (EOS between
-them). The loss is next-token cross-entropy on every token but padding.
+What it learns from (synthetic/fresh.py), in two phases:
+
+  1. `short_steps` steps on short rows, one single-lookup reading drill each
+     (a need, a query, one passage, the fact restated, the answer: about 100
+     tokens);
+  2. the rest on search-format demonstrations (one per row from position 0, as
+     a prompt sits in a rollout; EOS after a whole one; cut at `seq_len` when
+     longer) and windows of the packed multi-lookup drills (EOS between them).
+
+Phase 1 is what makes the model read. Copying a value out of a passage needs
+attention that finds the value by its content; in 512-token rows the gradient
+towards it is spread over hundreds of positions, and a two-layer model trained
+on them alone stayed at chance on such lookups for hundreds of steps (README,
+"The base model"), while on ~100-token rows it learns them within a few hundred
+steps and keeps them when the rows grow. The loss is next-token cross-entropy
+on every token but padding.
 
 The result stands in for a pretrained LLM that already follows the search
 format and reads retrieved passages (as Qwen2.5-7B-Base does in the paper); it
@@ -28,7 +40,7 @@ _VOCAB_MULTIPLE = 128   # the model's vocab is padded up to this, as Qwen pads i
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """The tokenizer's and the model's sizes and the pretraining schedule."""
-    vocab_size: int = 2048         # asked of the BPE trainer; it may stop short
+    vocab_size: int = 4608         # room for every name and year as one token (tokenizer.py)
     hidden_size: int = 128
     intermediate_size: int = 384
     num_layers: int = 2
@@ -38,14 +50,18 @@ class PretrainConfig:
     max_position_embeddings: int = 8192
     seq_len: int = 512             # a whole demonstration fits (one passage per block)
     batch_size: int = 8
-    steps: int = 1500
-    learning_rate: float = 6e-3
+    steps: int = 1300              # both phases
+    short_steps: int = 600         # phase 1: single-lookup drills (module docstring)
+    short_seq_len: int = 128       # a single-lookup drill fits
+    short_batch_size: int = 32
+    learning_rate: float = 3e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
     demo_fraction: float = 0.5     # share of each batch's rows that are demonstrations
     # The text (synthetic/fresh.py): demonstrations and reading drills about fresh entities.
     num_demos: int = 4000
     num_drills: int = 4000
+    num_short_drills: int = 4000
     drill_lookups: int = 4         # reading steps per drill
     texts_per_part: int = 8        # texts per freshly drawn world part
     seed: int = 0
@@ -53,6 +69,9 @@ class PretrainConfig:
     def __post_init__(self):
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"PretrainConfig: warmup_steps={self.warmup_steps} must be in "
+                             f"[0, steps={self.steps})")
+        if not 0 <= self.short_steps < self.steps:
+            raise ValueError(f"PretrainConfig: short_steps={self.short_steps} must be in "
                              f"[0, steps={self.steps})")
         if not 0.0 < self.demo_fraction <= 1.0:
             raise ValueError(f"PretrainConfig.demo_fraction={self.demo_fraction} must be in "
@@ -140,9 +159,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     return train_step
 
 
-def pretrain(model: Decoder, demos: Rows, stream: np.ndarray, config: PretrainConfig,
-             log: Callable[[str], None] = print) -> list[float]:
-    """Trains `model` in place; returns the loss of every step."""
+def pretrain(model: Decoder, demos: Rows, stream: np.ndarray, short: Rows,
+             config: PretrainConfig, log: Callable[[str], None] = print) -> list[float]:
+    """Trains `model` in place; returns the loss of every step.
+
+    demos: demonstration rows [N, seq_len]; stream: the packed drills [T];
+    short: single-lookup drill rows [M, short_seq_len] (phase 1, module docstring).
+    """
     if stream.shape[0] <= config.seq_len:
         raise ValueError(f"pretrain: the passage stream has {stream.shape[0]} tokens, fewer "
                          f"than seq_len={config.seq_len}; make the world bigger")
@@ -154,7 +177,11 @@ def pretrain(model: Decoder, demos: Rows, stream: np.ndarray, config: PretrainCo
     losses = []
     start = time.time()
     for step in range(config.steps):
-        batch = sample_batch(rng, demos, stream, config)
+        if step < config.short_steps:
+            picked = rng.integers(0, short.tokens.shape[0], config.short_batch_size)
+            batch = Rows(tokens=short.tokens[picked], mask=short.mask[picked])
+        else:
+            batch = sample_batch(rng, demos, stream, config)
         params, opt_state, loss = train_step(params, opt_state, batch.tokens, batch.mask)
         losses.append(loss)   # a device array; reading it every step would stall the loop
         if step % 50 == 0 or step == config.steps - 1:

@@ -76,6 +76,16 @@ _SUBJECTS = {
 }
 
 
+_KINDS = {"people": world_lib.Person, "organisations": world_lib.Organisation,
+          "works": world_lib.Work, "places": world_lib.Place}
+
+
+def atoms_of(entity) -> list[str]:
+    """The atoms (facts) an entity has, in templates.ATOMS order."""
+    return [atom for atom in templates.ATOMS
+            if isinstance(entity, _KINDS[_SUBJECTS[atom]])]
+
+
 def subjects(part: world_lib.Part, atom: str) -> tuple:
     """The entities of `part` that `atom` is a fact of."""
     return getattr(part, _SUBJECTS[atom])

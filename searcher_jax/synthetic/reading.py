@@ -58,16 +58,19 @@ def world_questions(config: world_lib.WorldConfig
 
 
 class OracleDocuments:
-    """The rendered passages of a corpus by title, and a keyword search over them."""
+    """The gold passages of a corpus, and a keyword search over it."""
 
     def __init__(self, corpus_rows: list[dict]):
-        self._by_title = {row["title"]: passages_lib.render_passage(row["title"], row["text"])
+        self._rendered = {passages_lib.render_passage(row["title"], row["text"])
                           for row in corpus_rows}
         self._search = keyword_search.KeywordSearch(corpus_rows)
 
     def gold(self, step: questions_lib.Step) -> str:
-        """The passage of the entity the step reads a fact of."""
-        return self._by_title[step.subject]
+        """The passage that states the step's fact; KeyError if the corpus lacks it."""
+        passage = passages_lib.gold_passage(step)
+        if passage not in self._rendered:
+            raise KeyError(f"no passage states {step} in this corpus")
+        return passage
 
     def block_passages(self, step: questions_lib.Step, query: str, top_k: int) -> list[str]:
         """The gold passage first, then the search's other top hits, `top_k` in all."""

@@ -7,35 +7,29 @@ templates to the name pool, which then never draws a name hidden inside it.
 OCCUPATIONS = ("painter", "poet", "engineer", "composer", "physician", "architect",
                "historian", "sculptor", "chemist", "novelist", "astronomer", "weaver")
 PLACE_KINDS = ("town", "city", "village", "port")
-ORGANISATION_KINDS = ("Guild", "Institute", "Company", "Society", "Academy", "Press")
 ORGANISATION_FIELDS = ("shipbuilding", "publishing", "medical", "scientific", "textile",
                        "mining", "musical", "banking")
 WORK_KINDS = ("novel", "film", "opera", "painting", "album", "poem")
 PRONOUNS = ("He", "She")
 
-# Passages, in the HotpotQA abstract style (a leading space, two spaces between sentences).
-# {occupation}, {kind} and {field} arrive with their article ("an engineer").
-PERSON_PASSAGE = (" {name} was born in {year}.  {pronoun} is {occupation} from {place}.  "
-                  "{pronoun} worked for {employer}.")
-PLACE_PASSAGE = " {name} is {kind} in {country}.  It dates from {year}."
-ORGANISATION_PASSAGE = (" {name} is {field} organisation founded in {year} by {founder}.  "
-                        "Its headquarters are at {place}.")
-WORK_PASSAGE = " {title} is {kind} by {creator} that came out in {year}.  It takes place at {place}."
-
 # One fact read from one passage: (what the reasoning needs, the query's keywords, the fact
-# as the reasoning restates it). {x} is the entity searched for, {y} the value found.
+# with its value last). {x} is the entity searched for, {y} the value found. The fact is both
+# a passage's text (synthetic/passages.py) and how the reasoning restates it after reading,
+# so reading is copying the value that ends the passage; each query keyword is in its
+# passage, so a good query finds it.
 ATOMS = {
     "birth_year": ("the birth year of {x}", "{x} born", "{x} was born in {y}"),
-    "birthplace": ("the birthplace of {x}", "{x} birthplace", "{x} is from {y}"),
-    "occupation": ("the occupation of {x}", "{x} occupation", "{x} is {y}"),
-    "employer": ("the employer of {x}", "{x} employer", "{x} worked for {y}"),
-    "founder": ("the founder of {x}", "{x} founder", "{x} was founded by {y}"),
-    "founded_year": ("the founding year of {x}", "{x} founded year", "{x} was founded in {y}"),
+    "birthplace": ("the birthplace of {x}", "{x} birthplace", "the birthplace of {x} is {y}"),
+    "occupation": ("the occupation of {x}", "{x} occupation", "the occupation of {x} is {y}"),
+    "employer": ("the employer of {x}", "{x} employer", "the employer of {x} is {y}"),
+    "founder": ("the founder of {x}", "{x} founder", "the founder of {x} is {y}"),
+    "founded_year": ("the founding year of {x}", "{x} founded year",
+                     "{x} was founded in the year {y}"),
     "headquarters": ("the headquarters of {x}", "{x} headquarters",
                      "the headquarters of {x} are at {y}"),
-    "creator": ("the creator of {x}", "{x} creator", "{x} was created by {y}"),
-    "work_year": ("the year of {x}", "{x} year", "{x} came out in {y}"),
-    "country": ("the country of {x}", "{x} country", "{x} is in {y}"),
+    "creator": ("the creator of {x}", "{x} creator", "the creator of {x} is {y}"),
+    "work_year": ("the year of {x}", "{x} year", "{x} came out in the year {y}"),
+    "country": ("the country of {x}", "{x} country", "the country of {x} is {y}"),
 }
 
 # Questions by kind; {a} and {b} are the entities asked about.
@@ -78,29 +72,25 @@ NO_SEARCH = (" I think I know this without searching. The answer is {answer}.",
              " This is well known: the answer is {answer}.")
 RETRY = "The documents do not mention it. Let me search again with better keywords.\n\n"
 GIVE_UP = "The documents do not mention it. I will guess."
-FACT = "{fact}."
+# After a document block: "The documents" then " say that" (a fact) or " do not mention it"
+# (RETRY, GIVE_UP). A fact starting the line with a bare name would make the name a
+# different token from the " Name" the passage holds (synthetic/tokenizer.py).
+FACT = "The documents say that {fact}."
 SO = " So {conclusion}."
 FINISH = " </think>\n\n<answer> {answer} </answer>"
 
 
-def with_article(noun: str) -> str:
-    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
-
-
 def fact_sentence(atom: str, subject: str, value: str) -> str:
-    """A fact as the reasoning restates it after reading it: the words before the value
-    are the passage's own (PERSON_PASSAGE etc.), so reading it is copying."""
-    value = with_article(value) if atom == "occupation" else value
-    fact = ATOMS[atom][2].format(x=subject, y=value)
-    return FACT.format(fact=fact[0].upper() + fact[1:])
+    """A fact as the reasoning restates it after reading it: in the passage's own words, so
+    reading it is copying (synthetic/passages.py)."""
+    return FACT.format(fact=ATOMS[atom][2].format(x=subject, y=value))
 
 
 def reserved_text() -> str:
     """All template text joined; no generated name may occur inside it."""
     texts = [
-        *OCCUPATIONS, *PLACE_KINDS, *ORGANISATION_KINDS, *ORGANISATION_FIELDS, *WORK_KINDS,
-        *PRONOUNS, PERSON_PASSAGE, PLACE_PASSAGE, ORGANISATION_PASSAGE, WORK_PASSAGE,
-        *(text for atom in ATOMS.values() for text in atom), *SINGLE_HOP.values(),
+        *OCCUPATIONS, *PLACE_KINDS, *ORGANISATION_FIELDS, *WORK_KINDS,
+        *PRONOUNS, *(text for atom in ATOMS.values() for text in atom), *SINGLE_HOP.values(),
         *(spec[0] for spec in BRIDGE.values()),
         *(spec[0] for spec in COMPARISON.values()), *(spec[2] for spec in COMPARISON.values()),
         SAME_OCCUPATION, SAME, DIFFERENT, YES, NO, *OPENINGS, NEXT_STEP, *SEARCH_INTROS,

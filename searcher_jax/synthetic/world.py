@@ -16,6 +16,15 @@ import random
 from searcher_jax.synthetic import names
 from searcher_jax.synthetic import templates
 
+# Year ranges (inclusive). Every year the world writes is in YEARS (with room for the
+# demonstrations' wrong guesses a few years off), which the synthetic tokenizer holds as one
+# token each (synthetic/tokenizer.py), as it holds each name.
+PLACE_YEARS = (1500, 1699)   # a place's founding
+BIRTH_YEARS = (1700, 1899)
+FOUNDED_AGE = (22, 55)       # the founder's age when an organisation is founded
+CREATED_AGE = (18, 70)       # the creator's age when a work comes out
+YEARS = range(PLACE_YEARS[0] - 10, BIRTH_YEARS[1] + max(FOUNDED_AGE[1], CREATED_AGE[1]) + 11)
+
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
@@ -37,8 +46,14 @@ class WorldConfig:
     # Imperfect demonstrations, so RL has something to improve (shares of all demonstrations).
     p_no_search: float = 0.1             # answers from memory, right or wrong
     p_poor_query: float = 0.2            # one query misses the entity; retries or guesses
-    p_wrong_answer: float = 0.1          # searches well, then answers wrongly
-    # Share of the other multi-hop demonstrations that stop after the first hop and guess:
+    # Searches well, then answers wrongly. 0: after a fact read from the documents the base
+    # model should answer with it (demonstrations.py), which any wrong answer there blurs.
+    p_wrong_answer: float = 0.0
+    # Share of demonstrations in standard RAG's format (documents before the question), drawn
+    # before the shares above, which split the rest.
+    p_rag: float = 0.1
+    # Share of the other multi-hop demonstrations that stop after the first hop and answer
+    # with its value:
     # over a half, so the base model's greedy choice there is to stop (RL's to find the 2nd hop).
     p_one_hop: float = 0.6
 
@@ -50,6 +65,8 @@ class WorldConfig:
                              f"least two of each kind, got {self}")
         if not 0.0 <= self.p_one_hop <= 1.0:
             raise ValueError(f"WorldConfig.p_one_hop={self.p_one_hop} must be in [0, 1]")
+        if not 0.0 <= self.p_rag <= 1.0:
+            raise ValueError(f"WorldConfig.p_rag={self.p_rag} must be in [0, 1]")
         if self.p_no_search + self.p_poor_query + self.p_wrong_answer > 1.0:
             raise ValueError("WorldConfig: p_no_search + p_poor_query + p_wrong_answer > 1")
 
@@ -123,22 +140,22 @@ def generate_part(rng: random.Random, pool: names.NamePool, countries: tuple[str
                    num_works: int) -> Part:
     places = tuple(
         Place(name=pool.draw(), kind=rng.choice(templates.PLACE_KINDS),
-              country=rng.choice(countries), founded_year=rng.randint(900, 1650))
+              country=rng.choice(countries), founded_year=rng.randint(*PLACE_YEARS))
         for _ in range(num_places))
     # People's employers are organisations, whose founders are people: draw the people's own
     # attributes first, the organisations next, then give each person an employer.
     people_drafts = [
-        dict(name=f"{pool.draw()} {pool.draw()}", pronoun=rng.choice(templates.PRONOUNS),
-             birth_year=rng.randint(1700, 1960), birthplace=rng.choice(places).name,
+        dict(name=pool.draw(), pronoun=rng.choice(templates.PRONOUNS),
+             birth_year=rng.randint(*BIRTH_YEARS), birthplace=rng.choice(places).name,
              occupation=rng.choice(templates.OCCUPATIONS))
         for _ in range(num_people)]
     organisations = []
     for _ in range(num_organisations):
         founder = rng.choice(people_drafts)
         organisations.append(Organisation(
-            name=f"{pool.draw()} {rng.choice(templates.ORGANISATION_KINDS)}",
-            field=rng.choice(templates.ORGANISATION_FIELDS),
-            founded_year=founder["birth_year"] + rng.randint(22, 55), founder=founder["name"],
+            name=pool.draw(), field=rng.choice(templates.ORGANISATION_FIELDS),
+            founded_year=founder["birth_year"] + rng.randint(*FOUNDED_AGE),
+            founder=founder["name"],
             headquarters=rng.choice(places).name))
     people = tuple(Person(**draft, employer=rng.choice(organisations).name)
                    for draft in people_drafts)
@@ -146,8 +163,8 @@ def generate_part(rng: random.Random, pool: names.NamePool, countries: tuple[str
     for _ in range(num_works):
         creator = rng.choice(people)
         works.append(Work(name=pool.draw(), kind=rng.choice(templates.WORK_KINDS),
-                          year=creator.birth_year + rng.randint(18, 70), creator=creator.name,
-                          setting=rng.choice(places).name))
+                          year=creator.birth_year + rng.randint(*CREATED_AGE),
+                          creator=creator.name, setting=rng.choice(places).name))
     return Part(places=places, people=people, organisations=tuple(organisations),
                 works=tuple(works))
 

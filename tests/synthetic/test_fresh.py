@@ -15,15 +15,27 @@ def test_each_drill_step_restates_a_fact_of_its_gold_passage():
     part = fresh.fresh_part(rng, _reserved())
     text = fresh.reading_drill(rng, part, lookups=3, top_k=2)
     assert text.count(BEGIN_QUERY) == 3 and text.count(BEGIN_DOCUMENTS) == 3
-    passages = {row["title"]: row["text"] for row in part.rows}
+    rows = {(row["title"], row["text"]) for row in part.rows}
     steps = re.findall(r"<\|begin_of_query\|> (.*?)<\|end_of_query\|>.*?"
-                       r"\(1\)Title: (.*?) Text: .*?<\|end_of_documents\|>\n\n(.*?)\.", text,
-                       flags=re.S)
+                       r"\(1\)Title: (.*?) Text: ([^\n]*)\n.*?<\|end_of_documents\|>\n\n"
+                       r"The documents say that (.*?\.)", text, flags=re.S)
     assert len(steps) == 3
-    for query, first_title, fact in steps:
+    for query, first_title, passage, fact in steps:
         assert query.startswith(first_title)   # the gold passage comes first
-        # The fact's last words and value are words of the gold passage.
-        assert fact.split()[-1].strip(".") in passages[first_title]
+        assert (first_title, passage) in rows
+        # The fact restated is the passage's one sentence, its value last.
+        assert passage == f" {fact[0].upper()}{fact[1:]}"
+
+
+def test_short_drills_end_with_the_value_they_read_as_the_answer():
+    config, _ = build.PRESETS["ci"]
+    rows = list(fresh.fresh_texts(config, _reserved(), num_demos=0, num_drills=0, lookups=2,
+                                  texts_per_part=8, seed=0, num_short_drills=12))
+    assert [row["kind"] for row in rows] == [fresh.SHORT_DRILL] * 12
+    for row in rows:
+        assert row["text"].count(BEGIN_QUERY) == 1
+        value = re.search(r" (\S+)\.\n<\|end_of_documents\|>", row["text"]).group(1)
+        assert row["text"].endswith(f". </think>\n\n<answer> {value} </answer>")
 
 
 def test_fresh_texts_draw_new_names_and_follow_the_modes():

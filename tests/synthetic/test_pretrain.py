@@ -12,8 +12,9 @@ from searcher_jax.synthetic import pretrain
 
 TINY = pretrain.PretrainConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
                                num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                               seq_len=16, batch_size=4, steps=30, warmup_steps=2,
-                               learning_rate=1e-2, demo_fraction=0.5)
+                               seq_len=16, batch_size=4, steps=60, warmup_steps=2,
+                               learning_rate=1e-2, demo_fraction=0.5, short_steps=20,
+                               short_seq_len=8, short_batch_size=4)
 
 
 def test_demo_rows_pad_cut_and_end_with_eos():
@@ -49,18 +50,25 @@ def test_masked_loss_ignores_padding_and_matches_cross_entropy():
                                rtol=1e-6)
 
 
-def test_pretrain_learns_a_repeated_pattern():
+def test_pretrain_learns_the_short_rows_then_the_long_ones():
     model = Decoder(TINY.model_config(tokenizer_size=20, eos_token_id=0), rngs=nnx.Rngs(0))
     assert model.config.vocab_size == 128   # padded up like Qwen's vocab
     demos, _ = pretrain.demo_rows([[3, 4, 5, 6, 7, 8, 9, 10]] * 4, eos_id=0, seq_len=TINY.seq_len)
     stream = pretrain.passage_stream([[11, 12, 13]] * 30, eos_id=0)
-    losses = pretrain.pretrain(model, demos, stream, TINY, log=lambda message: None)
+    short, _ = pretrain.demo_rows([[14, 15, 16, 17]] * 4, eos_id=0, seq_len=TINY.short_seq_len)
+    losses = pretrain.pretrain(model, demos, stream, short, TINY, log=lambda message: None)
     assert len(losses) == TINY.steps
-    assert np.mean(losses[-5:]) < 0.25 * losses[0]
+    phase_1, phase_2 = losses[:TINY.short_steps], losses[TINY.short_steps:]
+    assert np.mean(phase_1[-3:]) < 0.25 * phase_1[0]
+    # The long rows are new text at the switch (their loss jumps), then learned too.
+    assert phase_2[0] > 2 * np.mean(phase_1[-3:])
+    assert np.mean(phase_2[-5:]) < 0.25 * phase_2[0]
 
 
 def test_bad_configs_say_what_is_wrong():
     with pytest.raises(ValueError, match="warmup_steps"):
-        dataclasses.replace(TINY, warmup_steps=30)
+        dataclasses.replace(TINY, warmup_steps=TINY.steps)
+    with pytest.raises(ValueError, match="short_steps"):
+        dataclasses.replace(TINY, short_steps=TINY.steps)
     with pytest.raises(ValueError, match="demo_fraction"):
         dataclasses.replace(TINY, demo_fraction=0.0)

@@ -44,7 +44,7 @@ def test_oracle_blocks_hold_the_gold_passages_and_answer(questions_and_documents
         for step in question.steps:
             gold = documents.gold(step)
             assert gold.startswith(f"Title: {step.subject} Text:") and gold in blocks
-            assert step.value in gold                      # each step's fact is readable
+            assert gold.endswith(f" {step.value}.")        # one fact, its value last
         if question.answer_type not in ("yes_no", "comparison"):
             assert question.answer in blocks               # the answer itself is in a block
         # The prefix ends with the last block: the model writes the last fact and the answer.
@@ -56,9 +56,8 @@ def test_bridge_prefix_restates_the_first_hop(questions_and_documents):
     _, evaluation, documents = questions_and_documents
     bridge = next(q for q in evaluation if q.kind == questions_lib.BRIDGE)
     first = bridge.steps[0]
-    fact = templates.ATOMS[first.atom][2].format(x=first.subject, y=first.value)
     prefix = reading.oracle_prefix(bridge, documents)
-    assert fact[0].upper() + fact[1:] + "." in prefix
+    assert templates.fact_sentence(first.atom, first.subject, first.value) in prefix
     assert bridge.steps[1].subject == first.value
 
 
