@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import pathlib
 import struct
 from typing import Callable, Iterator
 
@@ -38,8 +39,19 @@ def load_config(directory, **overrides) -> ModelConfig:
 
 
 def load_tokenizer(directory):
-    """The tokenizer saved in a local HF directory (never a hub download)."""
+    """The tokenizer saved in a local HF directory (never a hub download).
+
+    A directory whose tokenizer_config.json names PreTrainedTokenizerFast (the synthetic
+    world's) loads as that class: AutoTokenizer would pick the class of config.json's
+    model_type (Qwen2Tokenizer), which in transformers 5 replaces tokenizer.json's
+    pre-tokenizer with Qwen2's and so splits every year into digits the model never saw.
+    """
     import transformers  # pylint: disable=import-outside-toplevel
+    config = pathlib.Path(directory) / "tokenizer_config.json"
+    if (config.is_file() and json.loads(config.read_text()).get("tokenizer_class")
+            == "PreTrainedTokenizerFast"):
+        return transformers.PreTrainedTokenizerFast.from_pretrained(str(directory),
+                                                                    local_files_only=True)
     return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
