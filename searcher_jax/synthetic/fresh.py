@@ -72,14 +72,14 @@ def reading_drill(rng: random.Random, fresh: FreshPart, lookups: int, top_k: int
         subject = rng.choice(questions_lib.subjects(fresh.part, atom)).name
         need, query, _ = templates.ATOMS[atom]
         query = query.format(x=subject)
-        gold = passages_lib.gold_passage(facts.step(atom, subject))
+        step = facts.step(atom, subject)
+        gold = passages_lib.gold_passage(step)
         others = [p for p in fresh.search.search(query, top_k + 1) if p != gold]
         text += rng.choice(templates.OPENINGS).format(need=need.format(x=subject))
         text += rng.choice(templates.SEARCH_INTROS)
         text += f"{BEGIN_QUERY} {query}{END_QUERY}" + documents_block([gold] + others[:top_k - 1])
-        value = facts.value(atom, subject)
-        text += templates.fact_sentence(atom, subject, value)
-    return text + templates.FINISH.format(answer=value) if answer else text
+        text += templates.fact_sentence(atom, subject, step.value)
+    return text + templates.FINISH.format(answer=step.value) if answer else text
 
 
 def fresh_texts(config: world_lib.WorldConfig, reserved_text: str, num_demos: int,
