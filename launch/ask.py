@@ -4,6 +4,7 @@ happen, then the answer.
     python launch/ask.py "Where was Gremegrial Pigom born?"          # the demo's world
     python launch/ask.py                                             # an interactive prompt
     python launch/ask.py --config.model.hf_dir=runs/demo/hf "Who founded Fezeith Academy?"
+    python launch/ask.py --config.model.init_from=runs/demo/stage2 "Who founded Fezeith Academy?"
     python launch/ask.py --config=configs/stage2.py --config.model.hf_dir=... \
         --config.retriever.index_dir=... "Which film came out first, ...?"
 
@@ -81,7 +82,8 @@ def main(argv):
     config = trainer.resolve_world(app.flags.FLAGS.config)
     with config.unlocked():
         config.data.eval_file = ""  # only the questions asked here
-    parts, _ = trainer.build_parts(config, with_train_questions=False)
+    parts, params = trainer.build_parts(config, with_train_questions=False)
+    trainer.evaluated_params(config, parts, params)   # --config.model.init_from=<workdir>
     retriever = ShowingRetriever(parts.retriever)
     encode = trainer.encode_prompt_fn(parts.tokenizer,
                                       run_config.data_config(config).prompt_style)

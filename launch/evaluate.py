@@ -24,7 +24,6 @@ the environment variable --judge_key_env names and is written nowhere; a key the
 refuses (401/403) stops the run at once.
 With --config.model.init_from=<a run's workdir> the params are that run's latest checkpoint.
 """
-import logging
 
 import cli  # the --config flag; puts the repository root on sys.path
 from absl import app, flags
@@ -95,10 +94,8 @@ def main(argv):
     out = f.out or DEFAULT_OUT
     # pylint: disable=import-outside-toplevel
     import jax
-    from flax import nnx
 
-    from searcher_jax import benchmarks, eval_tables, judge, run_config, trainer
-    from searcher_jax.sampling import sampler as sampling
+    from searcher_jax import benchmarks, eval_tables, judge, trainer
     config = trainer.resolve_world(f.config)
     sets = benchmarks.parse_sets(f.sets, config)
     methods = benchmarks.parse_methods(f.method or benchmarks.eval_config(config).methods)
@@ -107,12 +104,7 @@ def main(argv):
     with config.unlocked():
         config.data.eval_file = ""     # the sets are read by benchmarks, not build_parts
     parts, params = trainer.build_parts(config, with_train_questions=False)
-    init_from = run_config.model_source(config).init_from
-    if init_from:
-        params, step_dir = trainer.restore_init_params(init_from, params)
-        parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
-                                                            parts.mesh))
-        logging.warning("evaluating the params of %s", step_dir)
+    trainer.evaluated_params(config, parts, params)
     batch_size = f.batch_size or config.train.eval_batch_size
     retriever_for = benchmarks.set_retrievers(config, parts.retriever)
     table, judge_counts = benchmarks.evaluate_sets(

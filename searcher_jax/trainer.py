@@ -458,6 +458,21 @@ def restore_init_params(init_from: str, params):
         return checkpoint_lib.restore_params(init_from, abstract)
 
 
+def evaluated_params(config, parts: Parts, params):
+    """The params a tool (evaluate.py, ask.py) runs: those of config.model.init_from's latest
+    checkpoint when it is set, loaded into parts.eval_sampler, else `params` (the HF
+    weights, already there). Returns (params, that checkpoint's step directory or None).
+    Raises what restore_init_params raises."""
+    init_from = run_config.model_source(config).init_from
+    if not init_from:
+        return params, None
+    params, step_dir = restore_init_params(init_from, params)
+    parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
+                                                        parts.mesh))
+    logging.warning("evaluating the params of %s", step_dir)
+    return params, step_dir
+
+
 class _StopSignal:
     """Records SIGTERM (a preempted TPU VM or a cluster scheduler's notice) so the loop can
     checkpoint after the step in flight and exit cleanly instead of dying mid-step."""

@@ -163,6 +163,43 @@ def test_stage_2_starts_from_stage_1s_checkpoint_as_policy_and_reference(
     assert int(start["step"]) == 1 and meta["data_position"] == 2
 
 
+def test_evaluate_and_ask_run_init_froms_params(first_run, world_model_dir, tmp_path):
+    """launch/evaluate.py and launch/ask.py with --config.model.init_from=<workdir> run that
+    run's latest checkpoint (its params as Orbax wrote them), not the HF weights."""
+    stage1, _ = first_run
+    config = trainer.resolve_world(tiny_run(world_model_dir, tmp_path, steps=1))
+    parts, hf_params = trainer.build_parts(config, with_train_questions=False)
+    same, step_dir = trainer.evaluated_params(config, parts, hf_params)
+    assert same is hf_params and step_dir is None
+
+    config.model.init_from = str(stage1)
+    params, step_dir = trainer.evaluated_params(config, parts, hf_params)
+    assert step_dir == stage1 / "checkpoints" / str(STEPS)
+    saved = _saved(stage1, STEPS)[0]["params"]
+    sampled = parts.eval_sampler.params
+    moved = 0
+    for (path, leaf), hf_leaf, sampler_leaf in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(hf_params),
+            jax.tree.leaves(sampled)):
+        expected = np.asarray(_leaf_at(saved, path))
+        np.testing.assert_array_equal(np.asarray(leaf), expected, jax.tree_util.keystr(path))
+        np.testing.assert_array_equal(np.asarray(sampler_leaf, np.float32), expected)
+        moved += not np.array_equal(np.asarray(hf_leaf), expected)
+    assert moved > 0   # stage 1's training moved the weights away from the HF ones
+
+
+def _leaf_at(tree, path):
+    """The leaf of a restored Orbax tree (nested dicts) at an nnx.State leaf's path."""
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey):   # the Variable's `.value`
+            if isinstance(tree, dict) and key.name in tree:
+                tree = tree[key.name]
+            continue
+        name = key.key if isinstance(key, jax.tree_util.DictKey) else key.idx
+        tree = tree[name] if name in tree else tree[str(name)]
+    return tree
+
+
 def test_init_from_another_architecture_fails_before_any_rollout(
         world_model_dir, world_paths, tmp_path, monkeypatch):
     other = tmp_path / "other_stage"

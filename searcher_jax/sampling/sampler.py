@@ -374,6 +374,11 @@ class Sampler:
         self._params = nnx.state(model)
 
     @property
+    def params(self) -> nnx.State:
+        """The weights it samples from: the model's, or those of the last set_model."""
+        return self._params
+
+    @property
     def num_compiled(self) -> int:
         """Executables compiled so far by this sampler (traces of its jitted functions)."""
         return sum(self.traces.values())
