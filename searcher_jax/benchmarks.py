@@ -33,6 +33,7 @@ from etils import epath
 
 from searcher_jax import eval_tables, judge as judge_lib, policies, run_config, trainer
 from searcher_jax.data.questions import split_spec
+from searcher_jax.retrieval import process_zero
 from searcher_jax.retrieval import retriever as retriever_lib
 
 METHODS = {"naive": policies.NAIVE, "rag": policies.RAG, "search": policies.SEARCH}
@@ -270,6 +271,30 @@ def set_retrievers(config, default) -> SetRetrievers:
     return SetRetrievers(config, default)
 
 
+def judge_on_process_zero(rows: list[dict], judge, cache, process_index: int,
+                          process_count: int,
+                          broadcast: Callable[[bytes], bytes] = process_zero.broadcast_bytes
+                          ) -> dict[str, int] | None:
+    """Process 0 asks the judge (it alone writes the verdict cache) and gets the counts of
+    judge.judge_rows; the others get None. An error that stops process 0 (a refused key) is
+    broadcast and raised on every process, so that none is left waiting in the next
+    evaluation's collectives. Raises: that error on process 0, RuntimeError naming it on
+    the others."""
+    counts, error, failure = None, None, b""
+    if process_index == 0:
+        try:
+            counts = judge_lib.judge_rows(rows, judge, cache)
+        except Exception as caught:  # pylint: disable=broad-exception-caught
+            error, failure = caught, f"{type(caught).__name__}: {caught}".encode()
+    if process_count > 1:
+        failure = broadcast(failure)
+    if error is not None:
+        raise error
+    if failure:
+        raise RuntimeError(f"the judge on process 0 failed: {failure.decode()}")
+    return counts
+
+
 def evaluate_sets(parts: trainer.Parts, config, sets: Sequence[EvalSet], methods: Sequence[str],
                   out_dir, *, batch_size: int, limit: int = 0, judge=None,
                   retriever_for: Callable[[EvalSet], Any] | None = None,
@@ -303,9 +328,11 @@ def evaluate_sets(parts: trainer.Parts, config, sets: Sequence[EvalSet], methods
                     questions, encode, batch_size, rollout_config, reward_config,
                     eos_ids=parts.eos_ids, record_titles=False, on_batch=bar.update)
             rows = [record_row(r, eval_set.name, method) for r in records]
-            if judge is not None and writer:  # one process asks the judge
-                judge_counts[f"{eval_set.name}.{method}"] = judge_lib.judge_rows(rows, judge,
-                                                                                 cache)
+            if judge is not None:
+                counts = judge_on_process_zero(rows, judge, cache, jax.process_index(),
+                                               jax.process_count())
+                if writer:
+                    judge_counts[f"{eval_set.name}.{method}"] = counts
             if writer:
                 write_rows(records_path(out_dir, eval_set.name, method), rows)
             groups[(eval_set.name, method)] = rows

@@ -280,6 +280,34 @@ def test_a_refused_key_stops_the_run_at_once(scripted, monkeypatch, tmp_path):
         assert not (tmp_path / "cache.jsonl").exists()
 
 
+def test_a_refused_key_stops_every_process_not_only_the_one_that_asked(
+        scripted, monkeypatch, tmp_path):
+    """Process 0 alone asks the judge; its AuthError is broadcast, so process 1 raises too
+    instead of entering the next evaluation's collectives alone (a pod would hang)."""
+    from searcher_jax import benchmarks  # pylint: disable=import-outside-toplevel
+    monkeypatch.setenv("JUDGE_TEST_KEY", KEY)
+    server = scripted(lambda _: (401, {"error": "invalid key"}, {}, 0))
+    verdicts = _openai(server.url, concurrency=1)
+    cache = judge.VerdictCache(tmp_path / "cache.jsonl")
+    sent = []
+
+    def from_process_zero(payload):   # process 0's side of the broadcast: what it sends
+        sent.append(payload)
+        return payload
+    with pytest.raises(llm_client.AuthError, match="answered 401"):
+        benchmarks.judge_on_process_zero(_rows(), verdicts, cache, 0, 2, from_process_zero)
+    assert len(sent) == 1 and b"AuthError: " in sent[0] and KEY.encode() not in sent[0]
+    with pytest.raises(RuntimeError, match="the judge on process 0 failed: AuthError: .*401"):
+        benchmarks.judge_on_process_zero(_rows(), verdicts, cache, 1, 2, lambda _: sent[0])
+    assert server.requests == 1   # process 1 asked nothing
+
+    ok = scripted(lambda _: (200, {"choices": [{"message": {"content": "True"}}]}, {}, 0))
+    counts = benchmarks.judge_on_process_zero(_rows(), _openai(ok.url), cache, 0, 2,
+                                              from_process_zero)
+    assert counts["asked"] == 5 and sent[-1] == b""
+    assert benchmarks.judge_on_process_zero(_rows(), None, cache, 1, 2, lambda _: b"") is None
+
+
 def test_a_fatal_error_starts_no_further_item(monkeypatch):
     """The worker that raised takes no next item, even when the caller is slow to notice (CI
     once saw a second request after a 401: the worker had started item 1 before the caller's
