@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # init_from: a run's workdir whose latest params start this run (stage 2 from stage 1);
     # hf_dir still gives the architecture and the tokenizer.
-    config.model = dict(hf_dir="", init_from="", dtype="bfloat16", scan_layers=True, remat=True)
+    config.model = dict(hf_dir="", init_from="", dtype="bfloat16", scan_layers=True, remat=True,
+                        attention="auto", attention_block=512)
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     # Temperature 1.0, top-p 0.95, 512 tokens a segment; the buffer holds a 1,024-token
     # prompt, 9 segments and 8 document blocks (about 8.5k tokens).

@@ -27,7 +27,7 @@ from searcher_jax.synthetic import build as synthetic_build
 from searcher_jax.synthetic.pretrain import PretrainConfig
 from searcher_jax.synthetic.world import WorldConfig
 
-MODEL_RUN_FIELDS = ("dtype", "scan_layers", "remat")
+MODEL_RUN_FIELDS = ("dtype", "scan_layers", "remat", "attention", "attention_block")
 
 
 @dataclasses.dataclass(frozen=True)

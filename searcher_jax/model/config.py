@@ -8,6 +8,7 @@ from typing import Any, Mapping
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_CHOICES = ("auto", "dense", "blockwise")
 
 _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
@@ -51,6 +52,10 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype; parameters are always fp32.
     scan_layers: bool = False  # Stacked layers under lax.scan, or one module per layer.
     remat: bool = False  # Recompute each layer's activations in the backward pass.
+    # Attention over whole rows (training, reference log-probs; model/attention.py):
+    # "dense" forms the [T, T] scores, "blockwise" never does, "auto" is dense on CPU only.
+    attention: str = "auto"
+    attention_block: int = 512  # keys per block of the blockwise path
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -62,6 +67,12 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported compute dtype {self.dtype!r}; use one of {COMPUTE_DTYPES}"
             )
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"unsupported attention {self.attention!r}; use one of {ATTENTION_CHOICES}"
+            )
+        if self.attention_block < 1:
+            raise ValueError(f"attention_block must be >= 1, got {self.attention_block}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"

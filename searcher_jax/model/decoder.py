@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from searcher_jax.model import attention
 from searcher_jax.model.config import ModelConfig
 
 # Per layer {"k": [B, K, D, S], "v": [B, K, S, D]}; stacked with a leading [L] under scan.
@@ -75,37 +76,42 @@ def apply_rope(x, positions, inv_freq):
     return rotated.astype(x.dtype)
 
 
-def attend(q, k, v, mask, keys_transposed: bool):
-    """Grouped-query attention. q [B,T,N,D], v [B,K,S,D], mask [B,T,S] -> [B,T,N,D].
+def attend_cached(q, k, v, mask):
+    """Grouped-query attention over the cache. q [B,T,N,D], k [B,K,D,S], v [B,K,S,D],
+    mask [B,T,S] -> [B,T,N,D].
 
-    k is [B,K,D,S] when keys_transposed (the cache's layout) else [B,K,S,D].
-    Both contractions batch over (B, K) and read the cache in place. On XLA
-    CPU, cached keys stored [S, D] made the decode scores 3x slower at 1,476
-    slots (a decode step is bound by reading the cache), and a [B,S,K,D] cache
-    re-laid the whole attended cache out on every step.
+    Both contractions batch over (B, K) and read the cache in place: a head's T*G queries
+    as one [M, D] matrix, so both are plain 4-D matmuls (the sampler benchmark's rollout ran
+    about a tenth faster on XLA CPU than with the 5-D form). On XLA CPU, cached keys stored
+    [S, D] made the decode scores 3x slower at 1,476 slots (a decode step is bound by
+    reading the cache), and a [B,S,K,D] cache re-laid the whole attended cache out on every
+    step.
     """
     b, t, n, d = q.shape
     kv_heads = v.shape[1]
     group = n // kv_heads
-    q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4)  # [B,K,T,G,D]
-    mask = mask[:, None, :, None, :]  # [B,1,T,1,S]
-    if keys_transposed:
-        # With the cache: a head's T*G queries as one [M, D] matrix, so both
-        # contractions are plain 4-D matmuls (the sampler benchmark's rollout
-        # ran about a tenth faster on XLA CPU than with the 5-D form).
-        q = q.reshape(b, kv_heads, t * group, d)
-        scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32)
-        mask = jnp.broadcast_to(mask, (b, 1, t, group, mask.shape[-1])).reshape(b, 1, t * group, -1)
-    else:
-        # Training and the reference model keep the 5-D form: the 4-D one raised
-        # Qwen2.5-7B's v5p-32 train-phase peak from 23.4 to 26.3 GiB (memory_plan).
-        scores = jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32)
+    q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(
+        b, kv_heads, t * group, d)
+    scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32)
+    mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, t, group, mask.shape[-1]))
+    mask = mask.reshape(b, 1, t * group, -1)
     scores = jnp.where(mask, scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    if keys_transposed:
-        out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv_heads, t, group, d)
-    else:
-        out = jnp.einsum("bktgs,bksd->bktgd", probs, v)  # [B,K,T,G,D]
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv_heads, t, group, d)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
+
+
+def attend_rows(q, k, v, lengths, config: ModelConfig):
+    """Causal attention over whole rows (no cache). q [B,T,N,D], k and v [B,T,K,D],
+    lengths [B] -> [B,T,N,D]; config.attention picks the path (model/attention.py). The
+    5-D [B,K,T,G,D] form: a 4-D one raised Qwen2.5-7B's v5p-32 train-phase peak from 23.4
+    to 26.3 GiB (memory_plan)."""
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, d).transpose(0, 2, 1, 3, 4)  # [B,K,T,G,D]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                    # [B,K,T,D]
+    choice = attention.resolve(config.attention, jax.default_backend())
+    out = attention.causal_attention(q, k, v, lengths, choice, config.attention_block)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
 
 
@@ -126,8 +132,10 @@ class Attention(nnx.Module):
             self.q_norm = _param(rngs, (d,), ("norm",), stack, "ones")
             self.k_norm = _param(rngs, (d,), ("norm",), stack, "ones")
 
-    def __call__(self, x, positions, inv_freq, mask, cache, write_index):
-        """x [B,T,E], positions [B,T], mask [B,T,S]; cache {"k","v"} [B,K,S,D] or None."""
+    def __call__(self, x, positions, inv_freq, visible, cache, write_index):
+        """x [B,T,E], positions [B,T]; cache {"k","v"} [B,K,S,D] or None. visible: with a
+        cache, the [B,T,S] mask of the keys each query sees; without, the rows' lengths [B]
+        (query i sees keys j <= i with j < its row's length)."""
         cfg, dtype = self.config, x.dtype
         b, t, e = x.shape
         n, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -146,13 +154,13 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         if cache is None:
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,D]
+            out = attend_rows(q, k, v, visible, cfg)
         else:
             cache = {"k": _write_keys(cache["k"], k, write_index),
                      "v": _write_values(cache["v"], v, write_index)}
-            window = cache_window(cache, mask.shape[-1])
-            k, v = window["k"], window["v"]
-        out = attend(q, k, v, mask, keys_transposed=cache is not None).reshape(b, t, n * d)
+            window = cache_window(cache, visible.shape[-1])
+            out = attend_cached(q, window["k"], window["v"], visible)
+        out = out.reshape(b, t, n * d)
         return out @ self.o_proj[...].reshape(n * d, e).astype(dtype), cache
 
 
@@ -223,17 +231,17 @@ class Block(nnx.Module):
         self.post_attention_norm = _param(rngs, (e,), ("norm",), stack, "ones")
         self.mlp = MLP(config, rngs, stack)
 
-    def __call__(self, x, positions, inv_freq, mask, cache, write_index):
+    def __call__(self, x, positions, inv_freq, visible, cache, write_index):
         eps = self.config.rms_norm_eps
-        h, cache = self.attn(rms_norm(x, self.input_norm[...], eps), positions, inv_freq, mask,
-                             cache, write_index)
+        h, cache = self.attn(rms_norm(x, self.input_norm[...], eps), positions, inv_freq,
+                             visible, cache, write_index)
         x = x + h
         x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], eps))
         return x, cache
 
 
-def _run_block(graphdef, state, x, positions, inv_freq, mask, cache, write_index):
-    return nnx.merge(graphdef, state)(x, positions, inv_freq, mask, cache, write_index)
+def _run_block(graphdef, state, x, positions, inv_freq, visible, cache, write_index):
+    return nnx.merge(graphdef, state)(x, positions, inv_freq, visible, cache, write_index)
 
 
 class Decoder(nnx.Module):
@@ -294,16 +302,12 @@ class Decoder(nnx.Module):
         if positions is None:
             positions = write_index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         if cache is None:
-            key_slots = jnp.arange(t)
-            mask = key_slots[None, None, :] <= jnp.arange(t)[None, :, None]  # [1, T, T]
-            if lengths is not None:
-                mask = mask & (key_slots[None, None, :] < lengths[:, None, None])
-            mask = jnp.broadcast_to(mask, (b, t, t))
+            visible = (jnp.full((b,), t, jnp.int32) if lengths is None
+                       else jnp.asarray(lengths, jnp.int32))                      # [B]
         else:
             max_len = cache_slots(cache)
             attend_len = max_len if attend_len is None else min(attend_len, max_len)
-            key_slots = jnp.arange(attend_len)
-            mask = key_slots[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            visible = jnp.arange(attend_len)[None, None, :] <= positions[:, :, None]  # [B,T,S]
         inv_freq = rope_inv_freq(cfg)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
 
@@ -313,7 +317,7 @@ class Decoder(nnx.Module):
 
             def body(x, layer):
                 layer_state, layer_cache = layer
-                x, layer_cache = run(graphdef, layer_state, x, positions, inv_freq, mask,
+                x, layer_cache = run(graphdef, layer_state, x, positions, inv_freq, visible,
                                      layer_cache, write_index)
                 return x, layer_cache
 
@@ -322,7 +326,7 @@ class Decoder(nnx.Module):
             new_cache = []
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
-                x, layer_cache = run(graphdef, state, x, positions, inv_freq, mask,
+                x, layer_cache = run(graphdef, state, x, positions, inv_freq, visible,
                                      None if cache is None else cache[i], write_index)
                 new_cache.append(layer_cache)
             cache = None if cache is None else tuple(new_cache)

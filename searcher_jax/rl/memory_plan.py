@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from searcher_jax.model import sharding
+from searcher_jax.model import attention, sharding
 from searcher_jax.model.config import ModelConfig
 from searcher_jax.model.decoder import Decoder
 from searcher_jax.rl import train_step as train_lib
@@ -149,7 +149,10 @@ def memory_plan(spec: PlanSpec) -> dict[str, Any]:
 def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
     devices = topology_devices(spec.topology)
     mesh = sharding.make_mesh(dict(spec.mesh_shape), devices=devices)
-    abstract_model = nnx.eval_shape(lambda: Decoder(spec.model, rngs=nnx.Rngs(0)))
+    # "auto" attention means the TPU's path here, not this host's (model/attention.py).
+    model_config = dataclasses.replace(
+        spec.model, attention=attention.resolve(spec.model.attention, devices[0].platform))
+    abstract_model = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract_model)
     compute_dtype = jnp.dtype(spec.model.dtype)
 

@@ -32,7 +32,8 @@ def test_base_config_builds_the_released_qwen_recipe():
     assert run_config.rollout_config(config).max_retrievals == 8
     assert run_config.eval_rollout_config(config) == run_config.RolloutConfig(9, 5)
     assert run_config.model_overrides(config) == {"dtype": "bfloat16", "scan_layers": True,
-                                                  "remat": True}
+                                                  "remat": True, "attention": "auto",
+                                                  "attention_block": 512}
     assert run_config.model_source(config) == run_config.ModelSource(hf_dir="", init_from="")
 
 

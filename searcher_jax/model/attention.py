@@ -1,0 +1,144 @@
+"""Causal grouped-query attention over whole rows (training, reference log-probs), two ways.
+
+The XLA path (`dense`) forms the [rows, kv_heads, T, group, T] fp32 scores at once; at
+4,096 tokens per row they are most of a 7B train step's temporaries (the README's TPU
+memory plans). The `blockwise` path never forms them: it visits the keys in blocks of
+`block` with an online softmax (FlashAttention, Dao et al. 2022, arXiv 2205.14135,
+Algorithm 1), keeping per query only the running max, the running sum and the
+weighted values, and its custom backward recomputes each block's probabilities from the
+saved log-sum-exp (Algorithm 2 of FlashAttention-2, arXiv 2307.08691), so the backward
+stores no scores either. Temporaries fall from O(T^2) to O(T * block) per head.
+
+Both take the same masking: a query at position i attends keys j <= i with j < length of
+its row; keys masked out get the lowest float32 score, so a query with every key masked
+averages all of them in both paths. Pure jnp and lax, so it runs on every platform and
+under GSPMD sharding; on TPU and GPU the vendors' fused kernels (splash, cuDNN) would be
+faster, this one is about memory.
+
+ModelConfig.attention picks the path: "auto" is `dense` on CPU (faster there at the demo's
+lengths, and what the benchmarks measured) and `blockwise` elsewhere.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from searcher_jax.model.config import ATTENTION_CHOICES
+
+CHOICES = ATTENTION_CHOICES
+_MASKED = float(np.finfo(np.float32).min)
+
+
+def resolve(choice: str, platform: str) -> str:
+    """The path "auto" stands for on `platform` (jax.default_backend()'s names)."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown attention {choice!r}; one of {CHOICES}")
+    if choice != "auto":
+        return choice
+    return "dense" if platform == "cpu" else "blockwise"
+
+
+def causal_attention(q, k, v, lengths, choice: str, block: int):
+    """q [B,K,T,G,D], k and v [B,K,T,D], lengths [B] int32 or None -> [B,K,T,G,D] in v's dtype.
+
+    K kv heads, G query heads per kv head. `choice` is "dense" or "blockwise" (resolved).
+    """
+    t = q.shape[2]
+    lengths = jnp.full((q.shape[0],), t, jnp.int32) if lengths is None else lengths
+    if choice == "dense":
+        mask = _mask(jnp.arange(t), jnp.arange(t), lengths)
+        scores = jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bktgs,bksd->bktgd", probs, v)
+    block = min(block, t)
+    pad = -t % block
+    if pad:  # keys padded to whole blocks; the padding is past every row's length
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    return _blockwise(q, k, v, lengths, block)
+
+
+def _mask(query_pos, key_pos, lengths):
+    """[B,1,T,1,S]: key j visible to query i when j <= i and j < the row's length."""
+    causal = key_pos[None, :] <= query_pos[:, None]                 # [T, S]
+    valid = key_pos[None, :] < lengths[:, None]                     # [B, S]
+    return (causal[None, None, :, None, :] & valid[:, None, None, None, :])
+
+
+def _block_scores(q, k, lengths, j, block):
+    """Block j's masked, scaled fp32 scores [B,K,T,G,block], its mask, and its keys."""
+    kj = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
+    key_pos = j * block + jnp.arange(block)
+    mask = _mask(jnp.arange(q.shape[2]), key_pos, lengths)
+    scores = jnp.einsum("bktgd,bksd->bktgs", q, kj, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED), mask, kj
+
+
+def _forward(q, k, v, lengths, block):
+    """(out [B,K,T,G,D] fp32, log-sum-exp [B,K,T,G] fp32)."""
+    b, kh, t, g, d = q.shape
+
+    def body(carry, j):
+        running_max, running_sum, acc = carry
+        scores, _, _ = _block_scores(q, k, lengths, j, block)
+        vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
+        new_max = jnp.maximum(running_max, scores.max(-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        running_sum = running_sum * rescale + probs.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bktgs,bksd->bktgd", probs.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return (new_max, running_sum, acc), None
+
+    init = (jnp.full((b, kh, t, g), _MASKED, jnp.float32), jnp.zeros((b, kh, t, g), jnp.float32),
+            jnp.zeros((b, kh, t, g, d), jnp.float32))
+    (running_max, running_sum, acc), _ = jax.lax.scan(
+        body, init, jnp.arange(k.shape[2] // block))
+    return acc / running_sum[..., None], running_max + jnp.log(running_sum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise(q, k, v, lengths, block):
+    out, _ = _forward(q, k, v, lengths, block)
+    return out.astype(v.dtype)
+
+
+def _blockwise_fwd(q, k, v, lengths, block):
+    out, lse = _forward(q, k, v, lengths, block)
+    out = out.astype(v.dtype)
+    return out, (q, k, v, lengths, out, lse)
+
+
+def _blockwise_bwd(block, residuals, d_out):
+    q, k, v, lengths, out, lse = residuals
+    d_out = d_out.astype(jnp.float32)
+    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (FlashAttention-2, eq. 4's D).
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)          # [B,K,T,G]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def body(d_q, j):
+        scores, mask, kj = _block_scores(q, k, lengths, j, block)
+        vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
+        probs = jnp.exp(scores - lse[..., None])                        # [B,K,T,G,S]
+        d_v = jnp.einsum("bktgs,bktgd->bksd", probs, d_out)
+        d_probs = jnp.einsum("bktgd,bksd->bktgs", d_out, vj.astype(jnp.float32))
+        d_scores = jnp.where(mask, probs * (d_probs - delta[..., None]) * scale, 0.0)
+        d_q = d_q + jnp.einsum("bktgs,bksd->bktgd", d_scores, kj.astype(jnp.float32))
+        d_k = jnp.einsum("bktgs,bktgd->bksd", d_scores, q.astype(jnp.float32))
+        return d_q, (d_k, d_v)
+
+    d_q, (d_k, d_v) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
+                                   jnp.arange(k.shape[2] // block))
+    # [blocks, B, K, block, D] -> [B, K, S, D], cut to the keys the caller passed.
+    unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(k.shape)  # pylint: disable=unnecessary-lambda-assignment
+    zero_lengths = np.zeros(lengths.shape, jax.dtypes.float0)
+    return (d_q.astype(q.dtype), unblock(d_k).astype(k.dtype), unblock(d_v).astype(v.dtype),
+            zero_lengths)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
