@@ -36,7 +36,8 @@ def _batch(rows: int, seq: int, vocab: int):
 
 
 def ours(args, tokens, loss_mask, rewards) -> float:
-    config = ModelConfig(**BENCH_CONFIG, dtype="float32", scan_layers=args.scan, remat=False)
+    config = ModelConfig(**BENCH_CONFIG, dtype="float32", scan_layers=args.scan, remat=False,
+                         attention=args.attention)
     rl = RLConfig(samples_per_prompt=4, mini_batch_size=args.rows, micro_batch_size=args.micro,
                   learning_rate=1e-6, total_steps=100, logprob_chunk=args.seq)
     graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)))
@@ -118,6 +119,8 @@ def add_args(parser: argparse.ArgumentParser):
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--scan", action="store_true", help="stacked layers under lax.scan")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise"],
+                        help="ours' attention over whole rows (model/attention.py)")
 
 
 def main():

@@ -106,6 +106,18 @@ def _groups_and_gold(config, questions) -> tuple[dict[str, str], dict[str, list[
     return groups, gold
 
 
+def _relative(path, start) -> str:
+    """`path` from `start` when it lies below it (a results file that still names the right
+    checkpoint after the run's directory is moved or shared), else as given."""
+    path, start = epath.Path(path), epath.Path(start)
+    for below, above in ((path, start), (path.resolve(), start.resolve())):
+        try:
+            return str(below.relative_to(above))
+        except ValueError:
+            continue
+    return str(path)
+
+
 def compare(config, workdir: epath.Path) -> dict[str, dict[str, dict[str, float]]]:
     """The four policies on config.train.eval_questions held-out questions: results.md,
     results.json and policies.png in `workdir`; returns the table.
@@ -145,7 +157,7 @@ def compare(config, workdir: epath.Path) -> dict[str, dict[str, dict[str, float]
         out = epath.Path(workdir)
         notes = (f"{len(questions)} held-out questions (entities never in the pretraining "
                  f"text), greedy decoding, the same base model and BM25 index for every policy.",
-                 f"trained: {step_dir}")
+                 f"trained: {_relative(step_dir, out)}")
         (out / "results.md").write_text(run_report.results_markdown(
             table, "Held-out evaluation: four policies", notes))
         run_report.plot_policies(table, out / "policies.png")

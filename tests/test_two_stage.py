@@ -46,6 +46,7 @@ def test_reduced_demo_runs_both_stages_and_writes_every_file(world_model_dir, tm
     assert policies == ["naive (no search)", "standard RAG", "base, searching", "trained (RL)"]
     markdown = (workdir / "results.md").read_text()
     assert all(name in markdown for name in policies)
+    assert "trained: stage2/checkpoints/1\n" in markdown   # from the workdir: still true if moved
     for name in policies:
         assert len(results["predictions"][name]) == 16
         assert set(results["table"][name]) >= {"all"}
