@@ -11,7 +11,8 @@ stores no scores either. Temporaries fall from O(T^2) to O(T * block) per head.
 
 Both take the same masking: a query at position i attends keys j <= i with j < length of
 its row; keys masked out get the lowest float32 score, so a query with every key masked
-averages all of them in both paths. Pure jnp and lax, so it runs on every platform and
+(a row of length 0) averages the row's T values in both paths, forward and backward. The
+blockwise path's padding keys (T rounded up to whole blocks) get -inf: they never count. Pure jnp and lax, so it runs on every platform and
 under GSPMD sharding; on TPU and GPU the vendors' fused kernels (splash, cuDNN) would be
 faster, this one is about memory.
 
@@ -60,7 +61,7 @@ def causal_attention(q, k, v, lengths, choice: str, block: int):
     if pad:  # keys padded to whole blocks; the padding is past every row's length
         k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
         v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    return _blockwise(q, k, v, lengths, block)
+    return _blockwise(q, k, v, lengths, block, t)
 
 
 def _mask(query_pos, key_pos, lengths):
@@ -70,22 +71,27 @@ def _mask(query_pos, key_pos, lengths):
     return (causal[None, None, :, None, :] & valid[:, None, None, None, :])
 
 
-def _block_scores(q, k, lengths, j, block):
-    """Block j's masked, scaled fp32 scores [B,K,T,G,block], its mask, and its keys."""
+def _block_scores(q, k, lengths, j, block, num_keys):
+    """Block j's masked, scaled fp32 scores [B,K,T,G,block], its mask, and its keys. Keys
+    from `num_keys` on are padding: -inf, below every masked key's score."""
     kj = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
     key_pos = j * block + jnp.arange(block)
     mask = _mask(jnp.arange(q.shape[2]), key_pos, lengths)
     scores = jnp.einsum("bktgd,bksd->bktgs", q, kj, preferred_element_type=jnp.float32)
-    return jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED), mask, kj
+    scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED)
+    return jnp.where(key_pos < num_keys, scores, -jnp.inf), mask, kj
 
 
-def _forward(q, k, v, lengths, block):
-    """(out [B,K,T,G,D] fp32, log-sum-exp [B,K,T,G] fp32)."""
+def _forward(q, k, v, lengths, block, num_keys):
+    """(out [B,K,T,G,D] fp32, running max [B,K,T,G] fp32, log of the running sum [B,K,T,G]).
+
+    The max and the log-sum are kept apart: a row of length 0 has a max of float32's lowest
+    value, and adding log(sum) to it would round the log away."""
     b, kh, t, g, d = q.shape
 
     def body(carry, j):
         running_max, running_sum, acc = carry
-        scores, _, _ = _block_scores(q, k, lengths, j, block)
+        scores, _, _ = _block_scores(q, k, lengths, j, block, num_keys)
         vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
         new_max = jnp.maximum(running_max, scores.max(-1))
         probs = jnp.exp(scores - new_max[..., None])
@@ -99,32 +105,32 @@ def _forward(q, k, v, lengths, block):
             jnp.zeros((b, kh, t, g, d), jnp.float32))
     (running_max, running_sum, acc), _ = jax.lax.scan(
         body, init, jnp.arange(k.shape[2] // block))
-    return acc / running_sum[..., None], running_max + jnp.log(running_sum)
+    return acc / running_sum[..., None], running_max, jnp.log(running_sum)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise(q, k, v, lengths, block):
-    out, _ = _forward(q, k, v, lengths, block)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, lengths, block, num_keys):
+    out, _, _ = _forward(q, k, v, lengths, block, num_keys)
     return out.astype(v.dtype)
 
 
-def _blockwise_fwd(q, k, v, lengths, block):
-    out, lse = _forward(q, k, v, lengths, block)
+def _blockwise_fwd(q, k, v, lengths, block, num_keys):
+    out, running_max, log_sum = _forward(q, k, v, lengths, block, num_keys)
     out = out.astype(v.dtype)
-    return out, (q, k, v, lengths, out, lse)
+    return out, (q, k, v, lengths, out, running_max, log_sum)
 
 
-def _blockwise_bwd(block, residuals, d_out):
-    q, k, v, lengths, out, lse = residuals
+def _blockwise_bwd(block, num_keys, residuals, d_out):
+    q, k, v, lengths, out, running_max, log_sum = residuals
     d_out = d_out.astype(jnp.float32)
     # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (FlashAttention-2, eq. 4's D).
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)          # [B,K,T,G]
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def body(d_q, j):
-        scores, mask, kj = _block_scores(q, k, lengths, j, block)
+        scores, mask, kj = _block_scores(q, k, lengths, j, block, num_keys)
         vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
-        probs = jnp.exp(scores - lse[..., None])                        # [B,K,T,G,S]
+        probs = jnp.exp((scores - running_max[..., None]) - log_sum[..., None])  # [B,K,T,G,S]
         d_v = jnp.einsum("bktgs,bktgd->bksd", probs, d_out)
         d_probs = jnp.einsum("bktgd,bksd->bktgs", d_out, vj.astype(jnp.float32))
         d_scores = jnp.where(mask, probs * (d_probs - delta[..., None]) * scale, 0.0)
@@ -134,7 +140,8 @@ def _blockwise_bwd(block, residuals, d_out):
 
     d_q, (d_k, d_v) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
                                    jnp.arange(k.shape[2] // block))
-    # [blocks, B, K, block, D] -> [B, K, S, D], cut to the keys the caller passed.
+    # [blocks, B, K, block, D] -> [B, K, S, D] (padded keys included: jnp.pad's transpose in
+    # causal_attention cuts them off).
     unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(k.shape)  # pylint: disable=unnecessary-lambda-assignment
     zero_lengths = np.zeros(lengths.shape, jax.dtypes.float0)
     return (d_q.astype(q.dtype), unblock(d_k).astype(k.dtype), unblock(d_v).astype(v.dtype),

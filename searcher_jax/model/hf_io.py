@@ -211,7 +211,8 @@ def load_pretrained(directory, *, mesh: jax.sharding.Mesh | None = None,
                     rules=sharding.DEFAULT_RULES, **overrides) -> Decoder:
     """Builds a Decoder from a HF directory, placing each tensor in its shard.
 
-    `overrides` set the run fields of ModelConfig (dtype, scan_layers, remat).
+    `overrides` set the run fields of ModelConfig (dtype, scan_layers, remat,
+    attention, attention_block).
     """
     directory = epath.Path(directory)
     config = load_config(directory, **overrides)

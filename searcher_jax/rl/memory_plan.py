@@ -52,7 +52,7 @@ HBM_BYTES = {
 @dataclasses.dataclass(frozen=True)
 class PlanSpec:
     """One memory-plan question: this model and RL recipe on this slice and mesh."""
-    model: ModelConfig  # Run fields matter: dtype (compute), scan_layers, remat.
+    model: ModelConfig  # Run fields matter: dtype (compute), scan_layers, remat, attention.
     rl: RLConfig
     topology: str  # e.g. "v5p:2x4x4" (32 chips), "v5e:8x8" (64 chips)
     mesh_shape: Mapping[str, int]  # e.g. {"fsdp": 8, "tensor": 4}
@@ -223,6 +223,7 @@ def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
         "device_kind": kind,
         "num_devices": len(devices),
         "mesh": dict(mesh.shape),
+        "attention": model_config.attention,
         "num_params": spec.model.num_params,
         "hbm_bytes": hbm,
         "resident": resident,

@@ -80,3 +80,25 @@ def test_auto_is_dense_on_cpu_only_and_bad_choices_are_named():
     assert attention.resolve("dense", "tpu") == "dense"
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         attention.resolve("flash", "cpu")
+
+
+def test_empty_rows_and_padded_blocks_match_the_dense_path():
+    """Rows of length T, 5, 1 and 0 (a query with no visible key averages the row's values),
+    T = 40 in blocks of 16 (the last one padded), every output position in the loss."""
+    b, k, t, g, d = 4, 2, 40, 3, 8
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, k, t, g, d))
+    key, v = (jax.random.normal(keys[i], (b, k, t, d)) for i in (1, 2))
+    weights = jax.random.normal(keys[3], (b, k, t, g, d))
+    lengths = jnp.array([t, 5, 1, 0], jnp.int32)
+
+    def run(choice):
+        def loss(q, key, v):
+            return jnp.sum(attention.causal_attention(q, key, v, lengths, choice, 16) * weights)
+        out = attention.causal_attention(q, key, v, lengths, choice, 16)
+        return out, jax.grad(loss, argnums=(0, 1, 2))(q, key, v)
+
+    (dense, dense_grads), (blockwise, blockwise_grads) = run("dense"), run("blockwise")
+    np.testing.assert_allclose(blockwise, dense, atol=1e-5)
+    for a, b_ in zip(dense_grads, blockwise_grads):
+        np.testing.assert_allclose(b_, a, atol=1e-5 * float(np.abs(a).max()))
