@@ -6,6 +6,7 @@
     python launch/benchmark.py --suite=retrieval    # ScaNN vs faiss (flat and HNSW)
     python launch/benchmark.py --suite=encoder      # MiniLM passage encoding vs transformers
     python launch/benchmark.py --suite=memory_plan  # TPU bytes per device, compiled here
+    python launch/benchmark.py --suite=rl_step      # one RL step of the demo, part by part
 
 Suite-specific flags follow the suite name: `--suite=sampler -- --batch=16`.
 """
@@ -21,6 +22,7 @@ SUITES = {
     "retrieval": "bench_retrieval",
     "encoder": "bench_encoder",
     "memory_plan": "bench_memory_plan",
+    "rl_step": "bench_rl_step",
 }
 
 

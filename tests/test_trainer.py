@@ -300,26 +300,6 @@ def _tpu_pod(*args, tmp_path):
                           cwd=tmp_path)
 
 
-def test_the_main_entry_runs_the_demo_config_with_overrides(world_model_dir, tmp_path):
-    """The demo config's two stages (configs/demo.py), one step each, no comparison."""
-    workdir = tmp_path / "run"  # given relative to the working directory, as a user would
-    result = _tpu_pod(
-        f"--config.world.dir={world_model_dir}", "--config.train.workdir=run",
-        "--config.stages.stage1_steps=1", "--config.stages.compare=false",
-        "--config.train.steps=1", "--config.train.save_every=1", "--config.train.prompts_per_step=2",
-        "--config.rl.samples_per_prompt=4", "--config.rl.mini_batch_size=8",
-        "--config.rl.micro_batch_size=8", "--config.train.eval_questions=0",
-        "--config.sampler.max_len=512", "--config.sampler.segment_len=96",
-        "--config.rollout.max_retrievals=1", tmp_path=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("stage1", "stage2"):
-        assert [(r["kind"], r["step"]) for r in read_metrics(workdir / stage)] == [("train", 1)]
-        assert (workdir / stage / "hf" / "model.safetensors").is_file()
-        assert (workdir / stage / "checkpoints" / "1" / "state").is_dir()
-    assert (workdir / "training.png").is_file() and not (workdir / "results.md").exists()
-    assert "Traceback" not in result.stderr
-
-
 def test_the_main_entry_rejects_a_misspelt_override(tmp_path):
     result = _tpu_pod("--config.rl.estimater=grpo", tmp_path=tmp_path)
     assert result.returncode != 0

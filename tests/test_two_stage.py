@@ -17,7 +17,8 @@ def test_reduced_demo_runs_both_stages_and_writes_every_file(world_model_dir, tm
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "launch" / "tpu_pod.py"),
-         f"--config.world.dir={world_model_dir}", f"--config.train.workdir={workdir}",
+         # The workdir relative to the working directory, as a user gives it.
+         f"--config.world.dir={world_model_dir}", "--config.train.workdir=demo",
          # Sized to learn something in about a minute and a half on 2 cores: stage 1's
          # cover-EM reward takes this base model from about one search to two on bridge
          # questions within three steps (greedy F1 0.31 -> 0.50 on these 16 questions here).
@@ -31,12 +32,14 @@ def test_reduced_demo_runs_both_stages_and_writes_every_file(world_model_dir, tm
          "--config.train.eval_every=0",
          "--config.sampler.max_len=640", "--config.sampler.segment_len=96",
          "--config.rollout.max_retrievals=2", "--config.eval_rollout.max_retrievals=2"],
-        capture_output=True, text=True, env=env, timeout=900, check=False)
+        capture_output=True, text=True, env=env, timeout=900, check=False, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "done:" in result.stdout and "trained (RL)" in result.stdout
+    assert "Traceback" not in result.stderr
 
-    for stage in ("stage1", "stage2"):
-        assert (workdir / stage / "checkpoints").is_dir()
+    for stage, steps in (("stage1", 3), ("stage2", 1)):
+        assert (workdir / stage / "checkpoints" / str(steps) / "state").is_dir()
+        assert (workdir / stage / "hf" / "model.safetensors").is_file()   # each stage exported
         assert list((workdir / stage / "tensorboard").glob("events.out.tfevents.*"))
     for name in ("training.png", "policies.png"):
         data = (workdir / name).read_bytes()
@@ -70,7 +73,7 @@ def test_reduced_demo_runs_both_stages_and_writes_every_file(world_model_dir, tm
     stage1 = json.loads((workdir / "stage1" / "config.json").read_text())
     assert stage1["reward"]["recipe"] == "cem_retrieval_format"
     stage2 = json.loads((workdir / "stage2" / "config.json").read_text())
-    assert stage2["model"]["init_from"] == str(workdir / "stage1")
+    assert stage2["model"]["init_from"] == "demo/stage1"
     first = [r for r in run_report.read_metrics(workdir / "stage2" / "metrics.jsonl")
              if r["kind"] == "train"][0]
     assert first["step"] == 1
