@@ -6,7 +6,8 @@
 One step as the trainer runs it, on the demo's world (its base model, BM25 index, sampler
 and rollout settings, built or reused in --world_dir): a rollout of prompts x samples rows,
 then the jitted train step on its batch. Everything is run twice and the second is timed:
-the first compiles (the second rollout uses the same key, so it meets the same shapes). The sampler and the retriever are wrapped so that each call is
+the first compiles (the second rollout uses the same key, so it meets the same shapes and
+the same batch width). The sampler and the retriever are wrapped so that each call is
 timed, its device work waited for:
   decode     the sampler's segments (tokens/s: tokens the policy sampled),
   extend     prompts and document blocks written into the KV cache (tokens/s: inserted),
@@ -124,17 +125,14 @@ def run(args) -> dict:
                                    reward_cfg)
         batch = trainer.rollout_batch(trajectories, rewards, parts.sampler.config.max_len,
                                       parts.mesh)
-        for _ in range(2):   # the first call of each compiles for this batch's width
-            start = time.perf_counter()
-            jax.block_until_ready(logprob_fn(state.params, batch.tokens))
-            logprobs_s = time.perf_counter() - start
-            # The step donates its state: each call gets a copy.
-            copy = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))
-            start = time.perf_counter()
-            jax.block_until_ready(step(copy, batch))
-            step_s = time.perf_counter() - start
-        clock.add("logprobs", logprobs_s, 0)
-        clock.add("step", step_s, 0)
+        start = time.perf_counter()
+        jax.block_until_ready(logprob_fn(state.params, batch.tokens))
+        clock.add("logprobs", time.perf_counter() - start, 0)
+        # The step donates its state: it gets a copy.
+        copy = jax.block_until_ready(jax.tree.map(lambda x: x.copy(), state))
+        start = time.perf_counter()
+        jax.block_until_ready(step(copy, batch))
+        clock.add("step", time.perf_counter() - start, 0)
         return trajectories, batch
 
     # The same key twice: the second rollout decodes the same tokens, so every shape it meets

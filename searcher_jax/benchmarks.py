@@ -280,19 +280,13 @@ def judge_on_process_zero(rows: list[dict], judge, cache, process_index: int,
     broadcast and raised on every process, so that none is left waiting in the next
     evaluation's collectives. Raises: that error on process 0, RuntimeError naming it on
     the others."""
-    counts, error, failure = None, None, b""
-    if process_index == 0:
-        try:
-            counts = judge_lib.judge_rows(rows, judge, cache)
-        except Exception as caught:  # pylint: disable=broad-exception-caught
-            error, failure = caught, f"{type(caught).__name__}: {caught}".encode()
-    if process_count > 1:
-        failure = broadcast(failure)
-    if error is not None:
-        raise error
-    if failure:
-        raise RuntimeError(f"the judge on process 0 failed: {failure.decode()}")
-    return counts
+    def decode(failure: bytes) -> None:
+        if failure:
+            raise RuntimeError(f"the judge on process 0 failed: {failure.decode()}")
+    return process_zero.agreed_call(
+        lambda: judge_lib.judge_rows(rows, judge, cache), process_index,
+        broadcast if process_count > 1 else (lambda payload: payload),
+        encode=lambda _, error: error.encode(), decode=decode)
 
 
 def evaluate_sets(parts: trainer.Parts, config, sets: Sequence[EvalSet], methods: Sequence[str],

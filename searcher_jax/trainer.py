@@ -273,14 +273,20 @@ def _summary_writer(logdir: epath.Path):
         return None
 
 
-def run_eval(parts: Parts, config, graphdef, params, step: int,
+def sample_for_eval(parts: Parts, params) -> None:
+    """Points parts.eval_sampler at `params` (fp32 params of parts.graphdef's model)."""
+    parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
+                                                        parts.mesh))
+
+
+def run_eval(parts: Parts, config, params, step: int,
              writer: MetricsWriter) -> dict[str, float]:
     """Greedy evaluation of params on the first train.eval_questions evaluation questions."""
     train_cfg = run_config.build(TrainConfig, config.train, "train")
     questions = parts.eval_questions[:train_cfg.eval_questions]
     if not questions:
         return {}
-    parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(graphdef, params), parts.mesh))
+    sample_for_eval(parts, params)
     records = evaluation.evaluate(
         parts.eval_sampler, parts.tokenizer, parts.retriever, questions,
         encode_prompt_fn(parts.tokenizer, run_config.data_config(config).prompt_style),
@@ -352,7 +358,7 @@ def train(config) -> dict[str, Any]:
     last = {"train": {}, "eval": {}, "stopped": False}
     writer.start_progress(total, start, workdir.name)
     if start == 0:
-        last["eval"] = run_eval(parts, config, graphdef, state.params, 0, writer)
+        last["eval"] = run_eval(parts, config, state.params, 0, writer)
     stop = _StopSignal()
     for step in range(start, total):
         if stop.agreed():
@@ -411,10 +417,10 @@ def train(config) -> dict[str, Any]:
         checkpointer.save(step + 1, state, {"step": step + 1, "data_position": position},
                           force=step + 1 == total)
         if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < total:
-            last["eval"] = run_eval(parts, config, graphdef, state.params, step + 1, writer)
+            last["eval"] = run_eval(parts, config, state.params, step + 1, writer)
     checkpointer.wait()
     if start < total:
-        last["eval"] = run_eval(parts, config, graphdef, state.params, total, writer)
+        last["eval"] = run_eval(parts, config, state.params, total, writer)
     if train_cfg.export_hf:
         hf_io.save_pretrained(nnx.merge(graphdef, state.params), workdir / "hf",
                               eos_ids=parts.eos_ids)
@@ -467,8 +473,7 @@ def evaluated_params(config, parts: Parts, params):
     if not init_from:
         return params, None
     params, step_dir = restore_init_params(init_from, params)
-    parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
-                                                        parts.mesh))
+    sample_for_eval(parts, params)
     logging.warning("evaluating the params of %s", step_dir)
     return params, step_dir
 

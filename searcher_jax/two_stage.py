@@ -30,13 +30,11 @@ from typing import Any
 
 import jax
 from etils import epath
-from flax import nnx
 
 from searcher_jax import checkpoint as checkpoint_lib
 from searcher_jax import policies
 from searcher_jax import run_config
 from searcher_jax import run_report
-from searcher_jax.sampling import sampler as sampling
 from searcher_jax import trainer
 from searcher_jax.synthetic import reading
 
@@ -145,8 +143,7 @@ def compare(config, workdir: epath.Path) -> dict[str, dict[str, dict[str, float]
     results = {}
     for policy, params in ((naive, base_params), (rag, base_params), (base, base_params),
                            (trained, trained_params)):
-        parts.eval_sampler.set_model(sampling.sampling_copy(nnx.merge(parts.graphdef, params),
-                                                            parts.mesh))
+        trainer.sample_for_eval(parts, params)
         results[policy.name] = policies.evaluate_policy(
             policy, parts.eval_sampler, parts.tokenizer, parts.retriever, questions, encode,
             train_cfg.eval_batch_size, run_config.eval_rollout_config(config),

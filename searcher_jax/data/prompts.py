@@ -69,8 +69,7 @@ def rag_question(question: str, rendered_passages: Sequence[str]) -> str:
     """Standard RAG's question (the paper's Naive-RAG baseline): the documents retrieved for
     the question, in the environment's block format, before the question itself; it fills
     the prompt's question slot, so the model reads them before it starts to think."""
-    return (f"{BEGIN_DOCUMENTS}\n{documents_text(rendered_passages)}{END_DOCUMENTS}\n\n"
-            f"{question}")
+    return documents_block(rendered_passages).removeprefix("\n\n") + question
 
 
 PROMPT_STYLES = ("base", "instruct")

@@ -12,8 +12,8 @@ stores no scores either. Temporaries fall from O(T^2) to O(T * block) per head.
 Both take the same masking: a query at position i attends keys j <= i with j < length of
 its row; keys masked out get the lowest float32 score, so a query with every key masked
 (a row of length 0) averages the row's T values in both paths, forward and backward. The
-blockwise path's padding keys (T rounded up to whole blocks) get -inf: they never count. Pure jnp and lax, so it runs on every platform and
-under GSPMD sharding; on TPU and GPU the vendors' fused kernels (splash, cuDNN) would be
+blockwise path's padding keys (T rounded up to whole blocks) get -inf: they never count.
+Pure jnp and lax, so it runs on every platform and under GSPMD sharding; on TPU and GPU the vendors' fused kernels (splash, cuDNN) would be
 faster, this one is about memory.
 
 ModelConfig.attention picks the path: "auto" is `dense` on CPU (faster there at the demo's
@@ -30,14 +30,13 @@ import numpy as np
 
 from searcher_jax.model.config import ATTENTION_CHOICES
 
-CHOICES = ATTENTION_CHOICES
 _MASKED = float(np.finfo(np.float32).min)
 
 
 def resolve(choice: str, platform: str) -> str:
     """The path "auto" stands for on `platform` (jax.default_backend()'s names)."""
-    if choice not in CHOICES:
-        raise ValueError(f"unknown attention {choice!r}; one of {CHOICES}")
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention {choice!r}; one of {ATTENTION_CHOICES}")
     if choice != "auto":
         return choice
     return "dense" if platform == "cpu" else "blockwise"
@@ -51,9 +50,7 @@ def causal_attention(q, k, v, lengths, choice: str, block: int):
     t = q.shape[2]
     lengths = jnp.full((q.shape[0],), t, jnp.int32) if lengths is None else lengths
     if choice == "dense":
-        mask = _mask(jnp.arange(t), jnp.arange(t), lengths)
-        scores = jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED)
+        scores = _masked_scores(q, k, _mask(jnp.arange(t), jnp.arange(t), lengths))
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         return jnp.einsum("bktgs,bksd->bktgd", probs, v)
     block = min(block, t)
@@ -71,14 +68,19 @@ def _mask(query_pos, key_pos, lengths):
     return (causal[None, None, :, None, :] & valid[:, None, None, None, :])
 
 
+def _masked_scores(q, k, mask):
+    """q [B,K,T,G,D] x k [B,K,S,D] -> scaled fp32 scores [B,K,T,G,S], masked keys lowest."""
+    scores = jnp.einsum("bktgd,bksd->bktgs", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED)
+
+
 def _block_scores(q, k, lengths, j, block, num_keys):
     """Block j's masked, scaled fp32 scores [B,K,T,G,block], its mask, and its keys. Keys
     from `num_keys` on are padding: -inf, below every masked key's score."""
     kj = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
     key_pos = j * block + jnp.arange(block)
     mask = _mask(jnp.arange(q.shape[2]), key_pos, lengths)
-    scores = jnp.einsum("bktgd,bksd->bktgs", q, kj, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), _MASKED)
+    scores = _masked_scores(q, kj, mask)
     return jnp.where(key_pos < num_keys, scores, -jnp.inf), mask, kj
 
 

@@ -9,7 +9,7 @@ waiting in a collective the others have abandoned.
 """
 import dataclasses
 import json
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,27 @@ def broadcast_bytes(payload: bytes) -> bytes:
     return np.asarray(multihost_utils.broadcast_one_to_all(buffer))[:size].tobytes()
 
 
+def agreed_call(fn: Callable[[], Any], process_index: int,
+                broadcast: Callable[[bytes], bytes],
+                encode: Callable[[Any, str], bytes], decode: Callable[[bytes], Any]):
+    """fn() on process 0 only, its outcome on every process: process 0 returns fn's result
+    (or raises its own error); the others get `decode` of what process 0 broadcast, which
+    raises when it carries process 0's error. encode(result, error): the payload, with
+    result None and error "Type: message" when fn raised. Every process enters the
+    broadcast, so none is left waiting in a collective the others have abandoned."""
+    result, payload, failure = None, b"", None
+    if process_index == 0:
+        try:
+            result = fn()
+            payload = encode(result, "")
+        except Exception as e:  # noqa: BLE001 - every process must learn of it, then raise
+            payload, failure = encode(None, f"{type(e).__name__}: {e}"), e
+    received = broadcast(payload)
+    if failure is not None:
+        raise failure  # process 0 keeps its own traceback
+    return result if process_index == 0 else decode(received)
+
+
 class ProcessZeroRetriever:
     """`search` runs `inner` on process 0 (None on the others) and broadcasts its result."""
 
@@ -47,13 +68,5 @@ class ProcessZeroRetriever:
         self.inner, self.process_index, self._broadcast = inner, process_index, broadcast
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
-        payload, failure = b"", None
-        if self.process_index == 0:
-            try:
-                payload = encode_results(self.inner.search(queries, k))
-            except Exception as e:  # noqa: BLE001 - every process must learn of it, then raise
-                payload, failure = encode_results(None, error=f"{type(e).__name__}: {e}"), e
-        received = self._broadcast(payload)
-        if failure is not None:
-            raise failure  # process 0 keeps its own traceback
-        return decode_results(received)
+        return agreed_call(lambda: self.inner.search(queries, k), self.process_index,
+                           self._broadcast, encode_results, decode_results)
