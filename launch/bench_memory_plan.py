@@ -4,7 +4,8 @@
     python launch/bench_memory_plan.py --preset=qwen2.5-7b_v5p-32 --seq_len=2048
 
 Each preset compiles the real train step, the reference forward (KL > 0) and
-a decode step for the slice (needs libtpu: pip install "jax[tpu]==<jax version>")
+the sampler's own programs (a whole decode segment, and the longest extend) for
+the slice (needs libtpu: pip install "jax[tpu]==<jax version>")
 and prints bytes per device against the chip's HBM. Sequence length 4096
 (prompt + response with its document blocks) is an assumption, not a
 released number; override it with --seq_len.

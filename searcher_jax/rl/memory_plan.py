@@ -4,16 +4,21 @@
 (`jax.experimental.topologies`). This module compiles, for such a topology:
   - the RL train step (train_step.py) with its shardings and donation,
   - the reference log-prob forward (when kl_coef > 0), on bf16 reference params,
-  - one decode step of the model with a KV cache on the bf16 sampling copy
-    of the weights (sharding.SAMPLING_RULES): the program the sampler's
-    decode loop repeats,
+  - the sampler's own programs (sampling/sampler.py) on the bf16 sampling
+    copy of the weights (sharding.SAMPLING_RULES) and a whole SamplingState:
+    `decode_segment` (the while loop over segment_len tokens the rollout
+    runs) attending the whole cache, and attending the largest window below
+    it (that window is cut out of the cache: a copy), and `extend` of one
+    max_extend_chunk (a prefill or a document insert) attending the whole cache,
 and reads XLA's per-device memory analysis of each. Resident buffers
 (params, optimizer state, reference params, sampling copy, KV cache) are
 also counted exactly from their shard shapes, so the plan says what each
 byte is for. Nothing is allocated: all inputs are abstract.
 
 Phases of one RL iteration, each a sum of what is live at once (per device):
-  sampling:  train state + reference + sampling copy + KV cache + decode temporaries
+  sampling:  train state + reference + the largest sampler program's arguments (sampling
+             copy, SamplingState with its KV cache, stop table) + temporaries
+             + outputs not aliased to the donated state
   reference: train state + reference + batch + log-prob temporaries (kl_coef > 0)
   training:  train step arguments (state, reference, batch) + its temporaries
              + outputs not aliased to donated inputs
@@ -29,7 +34,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from searcher_jax.model import attention, sharding
 from searcher_jax.model.config import ModelConfig
@@ -38,6 +43,10 @@ from searcher_jax.rl import train_step as train_lib
 from searcher_jax.rl.train_step import with_shardings
 from searcher_jax.rl.batch import RolloutBatch
 from searcher_jax.rl.config import RLConfig
+from searcher_jax.rollout import STOP_STRINGS
+from searcher_jax.sampling import sampler as sampler_lib
+from searcher_jax.sampling.state import init_state
+from searcher_jax.sampling.stop_strings import build_stop_table
 
 GIB = 1 << 30
 # Nominal HBM per chip by jax device_kind (compile-only devices report no memory size).
@@ -59,7 +68,10 @@ class PlanSpec:
     train_rows: int  # rows of one rollout batch (prompts * samples per prompt)
     train_len: int  # tokens per row (prompt + response, padded)
     sample_rows: int  # rows the sampler decodes at once
-    sample_len: int  # KV cache length
+    sample_len: int  # KV cache length (the sampler's max_len)
+    segment_len: int = 512  # tokens a decode segment samples (configs/base.py's sampler)
+    max_extend_chunk: int = 512  # the longest extend call (SamplerConfig.max_extend_chunk)
+    num_eos_ids: int = 2  # end-of-sequence ids per row (Qwen2.5's instruct models have 2)
     # XLA's exec_time_optimization_effort in [-1, 1]; None keeps the default (what a run
     # compiles). -1 compiles about 10x faster for checks, with a different schedule and
     # so different temporaries: use it for tests, not for the numbers.
@@ -114,24 +126,69 @@ def _cast(abstract_params, dtype):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), abstract_params)
 
 
-def _decode_step(graphdef):
-    def step(params, cache, tokens, write_index):
-        model = nnx.merge(graphdef, params)
-        hidden, cache = model.forward_hidden(tokens, cache=cache, write_index=write_index)
-        logits = model.logits(hidden[:, -1])  # [B, V]
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
-    return step
+def largest_window(config: sampler_lib.SamplerConfig) -> int | None:
+    """The largest attend window below max_len that decode_segment is compiled for (None if
+    none): the window the loop cuts out of the cache, so that call holds a copy of it."""
+    buckets = {sampler_lib.attend_bucket(n, config.min_attend_bucket, config.max_len)
+               for n in range(1, config.max_len + 1)}
+    below = [b for b in buckets if b < config.max_len]
+    return max(below) if below else None
 
 
-def _cache_shardings(cache, model: Decoder, mesh: Mesh):
-    """The KV cache split like the sampling weights: rows over (data, fsdp), kv heads over tensor."""
-    is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)  # pylint: disable=unnecessary-lambda-assignment
-    leaves, treedef = jax.tree.flatten(cache)
-    axes = jax.tree.leaves(model.cache_logical_axes(), is_leaf=is_axes)
-    return treedef.unflatten([
-        NamedSharding(mesh, sharding.logical_to_spec(a, x.shape, mesh, sharding.SAMPLING_RULES,
-                                                     "kv_cache"))
-        for x, a in zip(leaves, axes)])
+def _sampler_programs(spec: PlanSpec, model_config: ModelConfig, mesh: Mesh):
+    """Lowers the sampler's jitted programs as the rollout calls them, on abstract inputs.
+
+    Returns ({name: lowered}, resident bytes of the sampling copy, of its KV cache and of
+    the stop table)."""
+    # sampling.sampling_copy: compute dtype, a separate output head, split over tensor only.
+    copy_config = dataclasses.replace(model_config, tie_word_embeddings=False)
+    copy_model = nnx.eval_shape(lambda: Decoder(copy_config, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(copy_model)
+    params = _cast(params, jnp.dtype(model_config.dtype))
+    params_shardings = sharding.state_shardings(params, mesh, sharding.SAMPLING_RULES)
+    config = sampler_lib.SamplerConfig(max_len=spec.sample_len, segment_len=spec.segment_len,
+                                       max_extend_chunk=spec.max_extend_chunk)
+    rows = spec.sample_rows
+    eos = jnp.zeros((rows, spec.num_eos_ids), jnp.int32)
+    state = jax.eval_shape(lambda key: init_state(copy_model, rows, spec.sample_len, eos,
+                                                  jnp.arange(rows, dtype=jnp.int32), key),
+                           jax.random.key(0))
+    state_shardings = sampler_lib.state_shardings(copy_model, state, mesh)
+    # The real automaton's states ([S, V] tables): the rollout's stop strings over a byte
+    # vocabulary padded to the model's.
+    table = build_stop_table([bytes([i]) for i in range(256)], list(STOP_STRINGS),
+                             vocab_size=model_config.vocab_size)
+    stop_table = {name: jax.ShapeDtypeStruct(getattr(table, name).shape,
+                                             getattr(table, name).dtype,
+                                             sharding=NamedSharding(mesh, PartitionSpec()))
+                  for name in ("next_state", "stop_id", "overshoot")}
+    args = (graphdef, with_shardings(params, params_shardings),
+            with_shardings(state, state_shardings))
+    decode = jax.jit(sampler_lib.decode_segment, static_argnames=("config", "attend_len"),
+                     donate_argnums=(2,), out_shardings=(state_shardings, None))
+    lowered = {"decode_segment": decode.lower(*args, stop_table, config=config,
+                                              attend_len=spec.sample_len)}
+    window = largest_window(config)
+    if window is not None:
+        lowered["decode_segment_window"] = decode.lower(*args, stop_table, config=config,
+                                                        attend_len=window)
+    extend = jax.jit(sampler_lib.extend, static_argnames=("attend_len",), donate_argnums=(2,),
+                     out_shardings=state_shardings)
+    chunk = min(spec.max_extend_chunk, spec.sample_len)
+    lowered["extend"] = extend.lower(
+        *args, jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=state_shardings.tokens),
+        jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=state_shardings.cursor),
+        attend_len=spec.sample_len)
+    resident = {"sampling_params": shard_bytes(params, params_shardings),
+                "kv_cache": shard_bytes(state.cache, state_shardings.cache),
+                "stop_table": sum(x.size * x.dtype.itemsize for x in stop_table.values())}
+    return lowered, resident
+
+
+def _footprint(stats: Mapping[str, int]) -> int:
+    """Bytes live while a program runs: its inputs, temporaries, and outputs not written
+    over donated inputs."""
+    return stats["arguments"] + stats["temporaries"] + stats["outputs"] - stats["aliased"]
 
 
 def memory_plan(spec: PlanSpec) -> dict[str, Any]:
@@ -161,10 +218,7 @@ def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
     state_shardings = train_lib.train_state_shardings(state, mesh)
     ref_params = _cast(params, compute_dtype)
     ref_shardings = sharding.state_shardings(ref_params, mesh)
-    sample_params = _cast(params, compute_dtype)
-    sample_shardings = sharding.state_shardings(sample_params, mesh, sharding.SAMPLING_RULES)
-    cache = jax.eval_shape(lambda: abstract_model.init_cache(spec.sample_rows, spec.sample_len))
-    cache_shardings = _cache_shardings(cache, abstract_model, mesh)
+    sampler_lowered, sampler_resident = _sampler_programs(spec, model_config, mesh)
     b, t = spec.train_rows, spec.train_len
     batch = RolloutBatch(
         tokens=jax.ShapeDtypeStruct((b, t), jnp.int32),
@@ -177,8 +231,7 @@ def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
         "optimizer_state": shard_bytes(state.opt_state, state_shardings.opt_state),
         "reference_params": (shard_bytes(ref_params, ref_shardings) if spec.rl.uses_reference
                              else 0),
-        "sampling_params": shard_bytes(sample_params, sample_shardings),
-        "kv_cache": shard_bytes(cache, cache_shardings),
+        **sampler_resident,
         "rollout_batch": shard_bytes(batch, batch_shardings),
     }
 
@@ -186,13 +239,9 @@ def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
     step = train_lib.make_train_step(graphdef, state, spec.rl, mesh)
     programs["train_step"] = _compile_stats(step.lower(with_shardings(state, state_shardings),
                                                        with_shardings(batch, batch_shardings)))
-    decode = jax.jit(_decode_step(graphdef), donate_argnums=1)
+    for name, lowered in sampler_lowered.items():
+        programs[name] = _compile_stats(lowered)
     rows = sharding.batch_sharding(mesh, 2)
-    programs["decode_step"] = _compile_stats(decode.lower(
-        with_shardings(sample_params, sample_shardings), with_shardings(cache, cache_shardings),
-        jax.ShapeDtypeStruct((spec.sample_rows, 1), jnp.int32, sharding=rows),
-        jax.ShapeDtypeStruct((spec.sample_rows,), jnp.int32,
-                             sharding=sharding.batch_sharding(mesh, 1))))
     if spec.rl.uses_reference:
         logprob_fn = train_lib.make_logprob_fn(graphdef, spec.rl, ref_params, mesh)
         programs["reference_logprobs"] = _compile_stats(logprob_fn.lower(
@@ -202,14 +251,12 @@ def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
     errors = {name: stats["error"] for name, stats in programs.items() if "error" in stats}
     state_bytes = resident["params"] + resident["optimizer_state"]
     phases = {}
-    if "decode_step" not in errors:
+    if not errors.keys() & sampler_lowered.keys():
         phases["sampling"] = (state_bytes + resident["reference_params"]
-                              + resident["sampling_params"] + resident["kv_cache"]
-                              + programs["decode_step"]["temporaries"])
+                              + max(_footprint(programs[name]) for name in sampler_lowered))
     if "train_step" not in errors:
         train = programs["train_step"]
-        phases["training"] = (train["arguments"] + resident["reference_params"]
-                              + train["temporaries"] + train["outputs"] - train["aliased"])
+        phases["training"] = resident["reference_params"] + _footprint(train)
     if spec.rl.uses_reference and "reference_logprobs" not in errors:
         ref = programs["reference_logprobs"]
         phases["reference"] = (state_bytes + resident["rollout_batch"] + ref["arguments"]

@@ -11,6 +11,7 @@ import pytest
 from searcher_jax.model.config import ModelConfig
 from searcher_jax.rl import memory_plan
 from searcher_jax.rl.config import RLConfig
+from searcher_jax.sampling import sampler
 
 GIB = 1 << 30
 
@@ -53,10 +54,33 @@ def test_plan_counts_every_buffer(plan):
     assert 0 <= train["aliased"] - state < 64 << 10  # the state is donated
     # Temporaries hold at least one fp32 gradient of the params.
     assert train["temporaries"] >= resident["params"]
-    decode = programs["decode_step"]
-    sampler_inputs = resident["sampling_params"] + resident["kv_cache"] + 8 * 4 * 2
-    assert 0 <= decode["arguments"] - sampler_inputs < 64 << 10
-    assert decode["aliased"] == resident["kv_cache"]  # the cache is updated in place
+    # The sampler's programs take the sampling copy, the SamplingState (its KV cache plus
+    # [B, T] tokens and log-probs: 64 KiB here) and the stop table, whose 25 automaton rows
+    # the TPU pads to its tiles (16 rows for the two int16 tables, 32 for the int8 one); the
+    # state is donated and written in place.
+    vocab = cfg.vocab_size
+    assert resident["stop_table"] == 25 * vocab * (2 + 1 + 2)
+    tile_padding = (32 - 25) * vocab * 2 * 2 + (32 - 25) * vocab
+    sampler_inputs = (resident["sampling_params"] + resident["kv_cache"]
+                      + resident["stop_table"] + tile_padding)
+    # extend reads neither the output head (its logits wait for decode) nor the stop table,
+    # and jit drops unused arguments.
+    lm_head = vocab * cfg.hidden_size * 2 // 2   # bf16, split over tensor 2
+    extend_inputs = sampler_inputs - resident["stop_table"] - tile_padding - lm_head
+    for name, inputs in (("decode_segment", sampler_inputs),
+                         ("decode_segment_window", sampler_inputs), ("extend", extend_inputs)):
+        stats = programs[name]
+        assert 0 <= stats["arguments"] - inputs < 256 << 10, name
+        assert resident["kv_cache"] <= stats["aliased"] < resident["kv_cache"] + (256 << 10)
+    # Attending a window below the whole cache, decode works on a copy of that window.
+    window = memory_plan.largest_window(
+        sampler.SamplerConfig(max_len=spec.sample_len, segment_len=spec.segment_len))
+    assert window == 768   # 1024's buckets: 128, 192, 256, 384, 512, 768, 1024
+    assert programs["decode_segment_window"]["temporaries"] >= resident["kv_cache"] * 3 // 4
+    assert result["phases"]["sampling"] == (
+        resident["params"] + resident["optimizer_state"] + resident["reference_params"]
+        + max(memory_plan._footprint(programs[name])   # pylint: disable=protected-access
+              for name in ("decode_segment", "decode_segment_window", "extend")))
     assert programs["reference_logprobs"]["arguments"] >= resident["reference_params"]
     assert result["peak_bytes"] == max(result["phases"].values())
     assert result["fits"] == (result["peak_bytes"] <= 16 * GIB)
