@@ -29,6 +29,11 @@ INSTALL_REQUIRES = [
     # and urllib3's Retry for their bounded retries (llm_client.py, retrieval/web.py).
     "requests>=2.31",
     "urllib3>=2.0",
+    # The retrieval server (retrieval/server.py): Starlette on uvicorn's h11 parser, a
+    # production HTTP stack instead of http.server; pydantic for its request schemas.
+    "starlette>=0.37",
+    "uvicorn>=0.30",
+    "pydantic>=2.5",
 ]
 
 EXTRAS = {
