@@ -88,11 +88,13 @@ def test_a_malformed_header_is_refused_at_once_and_holds_nothing(server, raw):
 
 
 def test_unfinished_requests_do_not_hold_the_server(server):
-    """Clients that send half a header and wait (slowloris) do not delay anyone else."""
+    """Clients that send half a header, or half a body, and wait (slowloris) do not delay
+    anyone else."""
     held = [socket.create_connection(_address(server), timeout=TIMEOUT_S) for _ in range(20)]
     try:
-        for sock in held:
-            sock.sendall(b"POST /queries HTTP/1.1\r\nHost: x\r\nContent-Le")
+        for i, sock in enumerate(held):
+            sock.sendall(b"POST /queries HTTP/1.1\r\nHost: x\r\nContent-Le" if i % 2 else
+                         b'POST /queries HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"queries": [')
         start = time.monotonic()
         assert _good(server)[0] == 200 and time.monotonic() - start < 2.0
     finally:
