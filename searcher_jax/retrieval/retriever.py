@@ -74,8 +74,8 @@ class RetrieverConfig:
     api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)
     timeout_s: float = 60.0
     retries: int = 4            # http: transient failures retried with backoff 1, 2, 4, 8 s
-    # http: when a search still fails after its retries (server down, too slow, malformed
-    # answer), "stop" raises RetrievalServerError and the run stops; "none_document" gives the
+    # http: when a search fails (server down or too slow through all its retries, or an answer
+    # that is not strict JSON of the API, which is not retried), "stop" raises RetrievalServerError and the run stops; "none_document" gives the
     # request's queries the document "None" (SPEC section 5) and counts them in the step
     # metrics as retrieval/failed_queries (retrieval/http_client.py).
     on_failure: str = "stop"
