@@ -75,9 +75,10 @@ class RetrieverConfig:
     timeout_s: float = 60.0
     retries: int = 4            # http: transient failures retried with backoff 1, 2, 4, 8 s
     # http: when a search fails (server down or too slow through all its retries, or an answer
-    # that is not strict JSON of the API, which is not retried), "stop" raises RetrievalServerError and the run stops; "none_document" gives the
-    # request's queries the document "None" (SPEC section 5) and counts them in the step
-    # metrics as retrieval/failed_queries (retrieval/http_client.py).
+    # that is not strict JSON of the API, which is not retried), "stop" raises
+    # RetrievalServerError and the run stops; "none_document" gives the request's queries the
+    # document "None" (SPEC section 5) and counts them in the step metrics as
+    # retrieval/failed_queries (retrieval/http_client.py).
     on_failure: str = "stop"
     # Multi-host runs: "every_process" searches the same queries on every process (each holds
     # the index or calls the server); "process_0" searches on process 0 only and broadcasts
