@@ -26,9 +26,15 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",
     "etils[epath]>=1.7.0",
     # The LLM judge's and the online search backend's HTTP client (pooled sessions, timeouts),
-    # and urllib3's Retry for their bounded retries (llm_client.py, retrieval/web.py).
+    # and urllib3's Retry for their bounded retries (llm_client.py, retrieval/web.py,
+    # retrieval/http_client.py).
     "requests>=2.31",
     "urllib3>=2.0",
+    # The retrieval server (retrieval/server.py): Starlette on uvicorn's h11 parser, a
+    # production HTTP stack instead of http.server; pydantic for its request schemas.
+    "starlette>=0.37",
+    "uvicorn>=0.30",
+    "pydantic>=2.5",
 ]
 
 EXTRAS = {

@@ -4,11 +4,15 @@
   python launch/serve_retriever.py --index_dir /data/index [--backend dense|bm25]
       [--host 127.0.0.1] [--port 8000] [--cpu]
 
+Starlette on uvicorn (searcher_jax/retrieval/server.py); SIGINT or SIGTERM stops it gracefully.
+
 Binds loopback by default; pass --host 0.0.0.0 deliberately to serve other machines.
 """
 import argparse
 import os
 import sys
+
+from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
 
 
 def main(argv=None) -> int:
@@ -20,19 +24,21 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max_queries", type=int, default=1024, help="per request and per batched search")
     parser.add_argument("--max_k", type=int, default=100)
+    parser.add_argument("--max_body_bytes", type=int, default=ServerLimits.max_body_bytes,
+                        help="larger request bodies are refused with 413")
     parser.add_argument("--encoder_batch_size", type=int, default=0, help="0: the encoder's default")
     parser.add_argument("--cpu", action="store_true", help="set JAX_PLATFORMS=cpu")
     args = parser.parse_args(argv)
     if args.cpu:
         os.environ["JAX_PLATFORMS"] = "cpu"
     from searcher_jax.retrieval.retriever import RetrieverConfig, make_backend
-    from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
 
     retriever = make_backend(RetrieverConfig(backend=args.backend, index_dir=args.index_dir,
                                              encoder_dir=args.encoder_dir,
                                              encoder_batch_size=args.encoder_batch_size))
     server = RetrievalServer(retriever, host=args.host, port=args.port,
-                             limits=ServerLimits(max_queries=args.max_queries, max_k=args.max_k),
+                             limits=ServerLimits(max_queries=args.max_queries, max_k=args.max_k,
+                                                 max_body_bytes=args.max_body_bytes),
                              num_passages=len(retriever.store))
     print(f"serving {args.index_dir} ({args.backend}, {len(retriever.store)} passages) at {server.url}",
           flush=True)

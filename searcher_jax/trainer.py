@@ -395,7 +395,9 @@ def train(config) -> dict[str, Any]:
                     rl.overlong_penalty)
                 rewards = rewards + penalty
                 reward_metrics["overlong_penalty"] = float(penalty.mean())
-            drawn.append({**reward_metrics, **trajectories.metrics()})
+            # The http backend's queries that got the document "None" after failing (on_failure).
+            take_retrieval = getattr(parts.retriever, "take_metrics", dict)
+            drawn.append({**reward_metrics, **trajectories.metrics(), **take_retrieval()})
             return dynamic_sampling.Draw(trajectories, rewards)
 
         filled = dynamic_sampling.fill(draw, rl.dynamic_sampling, rl.samples_per_prompt,

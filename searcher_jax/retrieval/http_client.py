@@ -1,17 +1,34 @@
-"""A retriever backend that calls a retrieval server (ours, R1-Searcher's or Search-R1's)."""
+"""A retriever backend that calls a retrieval server (ours, R1-Searcher's or Search-R1's).
+
+HTTP is a pooled `requests` Session with urllib3's bounded `Retry` (llm_client.retrying_session,
+shared with the judge and the web backend): a refused or dropped connection, a read timeout or
+a 5xx is retried `retries` times with exponential backoff, so a retrieval host restarting does
+not end a training run; a 4xx, or an answer that is not strict JSON of the API's shape, is not
+retried. One search then takes at most about `deadline_s` (every try's timeout and backoff),
+never a hang.
+
+When the tries are spent, `on_failure` decides (SPEC section 5: "an empty list becomes the text
+`None`"):
+  "stop"           RetrievalServerError naming the URL and what went wrong: the run stops.
+  "none_document"  every query of the failed request gets no passages, so the policy reads the
+                   document block "None"; the queries are counted in `failed_queries` (a
+                   trainer logs the count of each step as `retrieval/failed_queries`).
+"""
 import json
 import logging
 import re
-import time
-import urllib.error
-import urllib.request
+import threading
 from typing import Sequence
 
+import requests
+
+from searcher_jax import llm_client
 from searcher_jax.retrieval.hits import Hit, HitRetriever, check_k
 from searcher_jax.retrieval.passage import Passage
 
 _LINE_ID = re.compile(r"^(\d+)\s+")
 APIS = ("r1searcher", "searchr1")
+ON_FAILURE = ("stop", "none_document")
 
 
 class RetrievalServerError(RuntimeError):
@@ -29,55 +46,94 @@ def parse_strict_json(body: bytes) -> dict:
 class HttpRetriever(HitRetriever):
     """api "r1searcher": POST /queries, each answer a corpus line "{id}\\t{passage}", kept as a raw
     passage with the id stripped as the authors' client did. api "searchr1": POST /retrieve with
-    scores, each document's "contents" kept verbatim (format flashrag)."""
+    scores, each document's "contents" kept verbatim (format flashrag).
+
+    timeout_s bounds each try's connect and each read; retries (>= 0) the tries after the first;
+    backoff_s the first retry's sleep (doubling after). Raises ValueError on a bad argument."""
 
     def __init__(self, url: str, api: str = "r1searcher", timeout_s: float = 60.0,
-                 retries: int = 4, backoff_s: float = 1.0):
+                 retries: int = 4, backoff_s: float = 1.0, on_failure: str = "stop"):
         if not url:
             raise ValueError("the http backend needs a url, e.g. http://127.0.0.1:8000")
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
+        if on_failure not in ON_FAILURE:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.url, self.api, self.timeout_s = url.rstrip("/"), api, timeout_s
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries, self.backoff_s, self.on_failure = retries, backoff_s, on_failure
+        self._session = llm_client.retrying_session(retries, backoff_s)
+        self._lock = threading.Lock()
+        self.failed_queries = 0  # queries given no passages after a failure (none_document)
+
+    @property
+    def deadline_s(self) -> float:
+        """About the longest one search takes, through all its retries."""
+        return llm_client.request_bound_s(self.retries, self.timeout_s, self.backoff_s)
+
+    def take_metrics(self) -> dict[str, float]:
+        """{"retrieval/failed_queries": n}: the queries that failed since the last call."""
+        with self._lock:
+            failed, self.failed_queries = self.failed_queries, 0
+        return {"retrieval/failed_queries": float(failed)}
 
     def _post(self, path: str, body: dict) -> dict:
-        """One request; a dropped connection, a timeout or a 5xx is retried with exponential
-        backoff (a retrieval host restarting must not end a training run), a 4xx or an answer
-        that is not strict JSON is not: RetrievalServerError."""
-        data = json.dumps(body).encode("utf-8")
-        for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url + path, data=data, method="POST",
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    answer = response.read()
-                try:
-                    return parse_strict_json(answer)
-                except ValueError as e:
-                    raise RetrievalServerError(f"{self.url}{path} answered invalid JSON: {e}") from None
-            except urllib.error.HTTPError as e:
-                message = e.read().decode(errors="replace")
-                error = RetrievalServerError(f"{self.url}{path} answered {e.code}: {message}")
-                if e.code < 500:
-                    raise error from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                error = RetrievalServerError(f"{self.url}{path} unreachable: {e}")
-            if attempt < self.retries:
-                delay = self.backoff_s * 2 ** attempt
-                logging.warning("%s; retrying in %.1f s (%d/%d)", error, delay, attempt + 1,
-                                self.retries)
-                time.sleep(delay)
-        raise RetrievalServerError(f"{error} (after {self.retries} retries)")
+        """One request through the retrying session -> the answer's JSON object. Raises
+        RetrievalServerError naming the URL and what went wrong."""
+        where = self.url + path
+        try:
+            response = self._session.post(where, json=body, timeout=self.timeout_s)
+            answer = response.content  # read here: a connection dropped mid-body is an error too
+        except requests.RequestException as e:
+            raise RetrievalServerError(f"{where} unreachable or too slow (timeout {self.timeout_s} s) "
+                                       f"after {self.retries} retries: {e}") from None
+        if response.status_code >= 400:
+            retried = f" (after {self.retries} retries)" if response.status_code >= 500 else ""
+            raise RetrievalServerError(f"{where} answered {response.status_code}{retried}: "
+                                       f"{answer[:500].decode(errors='replace')}")
+        try:
+            value = parse_strict_json(answer)
+        except ValueError as e:
+            raise RetrievalServerError(f"{where} answered invalid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise RetrievalServerError(f"{where} answered a JSON {type(value).__name__}, not an object")
+        return value
 
     def search_hits(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        """[len(queries)] lists of at most k hits. Raises RetrievalServerError when the server
+        fails after its retries and on_failure is "stop" (with "none_document": empty lists)."""
         check_k(k)
         if not queries:
             return []
-        if self.api == "r1searcher":
-            answers = self._post("/queries", {"queries": list(queries), "k": int(k)})["answers"]
-            return [[self._hit_from_line(line) for line in lines] for lines in answers]
-        result = self._post("/retrieve", {"queries": list(queries), "topk": int(k), "return_scores": True})["result"]
-        return [[self._hit_from_document(item["document"], item["score"]) for item in items] for items in result]
+        try:
+            return self._search(list(queries), int(k))
+        except RetrievalServerError as e:
+            if self.on_failure == "stop":
+                raise
+            with self._lock:
+                self.failed_queries += len(queries)
+            logging.warning("retrieval failed for %d queries, which get the document 'None': %s",
+                            len(queries), e)
+            return [[] for _ in queries]
+
+    def _search(self, queries: list[str], k: int) -> list[list[Hit]]:
+        path = "/queries" if self.api == "r1searcher" else "/retrieve"
+        try:
+            if self.api == "r1searcher":
+                answers = self._post(path, {"queries": queries, "k": k})["answers"]
+                hits = [[self._hit_from_line(line) for line in lines] for lines in answers]
+            else:
+                result = self._post(path, {"queries": queries, "topk": k, "return_scores": True})["result"]
+                hits = [[self._hit_from_document(item["document"], item["score"]) for item in items]
+                        for items in result]
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise RetrievalServerError(f"{self.url}{path} answered JSON not of the {self.api} API: "
+                                       f"{type(e).__name__}: {e}") from None
+        if len(hits) != len(queries):
+            raise RetrievalServerError(f"{self.url}{path} answered {len(hits)} results for "
+                                       f"{len(queries)} queries")
+        return hits
 
     @staticmethod
     def _hit_from_line(line: str) -> Hit:

@@ -17,7 +17,7 @@ from searcher_jax.retrieval.bm25 import BM25Index
 from searcher_jax.retrieval.corpus_store import CorpusStore
 from searcher_jax.retrieval.dense_index import DenseIndex
 from searcher_jax.retrieval.hits import Hit, HitRetriever, check_k
-from searcher_jax.retrieval.http_client import HttpRetriever
+from searcher_jax.retrieval.http_client import ON_FAILURE, HttpRetriever
 from searcher_jax.retrieval.passage import Passage
 
 BACKENDS = ("dense", "bm25", "http", "web")
@@ -74,6 +74,12 @@ class RetrieverConfig:
     api: str = "r1searcher"     # http: "r1searcher" (POST /queries) | "searchr1" (POST /retrieve)
     timeout_s: float = 60.0
     retries: int = 4            # http: transient failures retried with backoff 1, 2, 4, 8 s
+    # http: when a search fails (server down or too slow through all its retries, or an answer
+    # that is not strict JSON of the API, which is not retried), "stop" raises
+    # RetrievalServerError and the run stops; "none_document" gives the request's queries the
+    # document "None" (SPEC section 5) and counts them in the step metrics as
+    # retrieval/failed_queries (retrieval/http_client.py).
+    on_failure: str = "stop"
     # Multi-host runs: "every_process" searches the same queries on every process (each holds
     # the index or calls the server); "process_0" searches on process 0 only and broadcasts
     # the passages, so only process 0 loads the index (retrieval/process_zero.py). The web
@@ -99,6 +105,8 @@ class RetrieverConfig:
             raise ValueError(f"retriever backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.search_on not in SEARCH_ON:
             raise ValueError(f"retriever search_on must be one of {SEARCH_ON}, got {self.search_on!r}")
+        if self.on_failure not in ON_FAILURE:
+            raise ValueError(f"retriever on_failure must be one of {ON_FAILURE}, got {self.on_failure!r}")
 
 
 def read_index_meta(index_dir: str | pathlib.Path) -> dict:
@@ -130,7 +138,8 @@ def make_retriever(cfg: RetrieverConfig) -> Retriever:
 def make_backend(cfg: RetrieverConfig) -> HitRetriever:
     """The backend a config names, loaded from its index directory (or pointed at its URL)."""
     if cfg.backend == "http":
-        return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s, retries=cfg.retries)
+        return HttpRetriever(cfg.url, api=cfg.api, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                             on_failure=cfg.on_failure)
     if cfg.backend == "web":
         from searcher_jax.retrieval import web  # pylint: disable=import-outside-toplevel
         return web.WebRetriever(web.WebConfig(

@@ -5,18 +5,39 @@
                  -> {"result": [[{"document": {"id", "contents"}, "score": s}, ...]]}
   GET  /health   -> {"status": "ok", "num_passages": N}
 Each answer line is "{id}\\t{passage}" as in the authors' TSV corpora (the store row stands in
-for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applies). Requests that
-arrive together are answered by one search call. Bad requests get a 4xx with a message. No
-answer holds a bare NaN or Infinity, which strict JSON parsers reject: a non-finite score is a 500.
+for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applies).
+
+Why Starlette on uvicorn (h11): the standard library's http.server gives each connection a
+thread that a client can hold with a request it never finishes; uvicorn parses HTTP with h11
+on one event loop (a malformed header is a prompt 400 and a closed connection, a slow client
+holds nothing but its socket), and the search itself runs on one worker thread, so requests
+that arrive together are answered by one search call (`BatchingSearcher`). Request bodies are
+read up to `ServerLimits.max_body_bytes` (counted as read, whatever Content-Length says) and
+validated by pydantic schemas; every error is a JSON {"error": message} naming the field or
+limit. No answer holds a bare NaN or Infinity, which strict JSON parsers reject: a non-finite
+score is a 500.
 """
+import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import queue
+import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Annotated, Sequence
+
+import pydantic
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from searcher_jax.retrieval.hits import Hit
+
+API_HINT = "the API is POST /queries, POST /retrieve and GET /health"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +46,7 @@ class ServerLimits:
     max_k: int = 100
     max_query_chars: int = 4096
     max_body_bytes: int = 8 << 20
+    max_connections: int = 1024  # open connections and requests; beyond it uvicorn answers 503
 
 
 class BadRequest(Exception):
@@ -34,17 +56,40 @@ class BadRequest(Exception):
         self.status = status
 
 
+PositiveInt = Annotated[int, pydantic.Field(gt=0)]
+
+
+class QueriesRequest(pydantic.BaseModel):
+    """POST /queries (R1-Searcher). Strict: "3" or true is not a k; unknown fields are ignored."""
+    model_config = pydantic.ConfigDict(strict=True, extra="ignore")
+    queries: list[str]
+    k: PositiveInt = 3
+
+
+class RetrieveRequest(pydantic.BaseModel):
+    """POST /retrieve (Search-R1)."""
+    model_config = pydantic.ConfigDict(strict=True, extra="ignore")
+    queries: list[str]
+    topk: PositiveInt = 3
+    return_scores: bool = False
+
+
+SCHEMAS = {"/queries": (QueriesRequest, "k"), "/retrieve": (RetrieveRequest, "topk")}
+_FIELD_MEANS = {"queries": "a list of strings", "k": "a positive integer",
+                "topk": "a positive integer", "return_scores": "true or false"}
+
+
 @dataclasses.dataclass
 class _Pending:
-    queries: list
+    queries: list[str]
     k: int
-    done: threading.Event = dataclasses.field(default_factory=threading.Event)
-    hits: list | None = None
-    error: Exception | None = None
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
 class BatchingSearcher:
-    """Runs one search for all requests waiting when the worker becomes free."""
+    """Runs one search for all requests waiting when the worker becomes free.
+
+    `submit` returns a future, so an async handler awaits it without holding a thread."""
 
     def __init__(self, retriever, max_queries: int):
         self._retriever = retriever
@@ -53,13 +98,11 @@ class BatchingSearcher:
         self._worker = threading.Thread(target=self._loop, daemon=True, name="retrieval-batcher")
         self._worker.start()
 
-    def search(self, queries: list, k: int) -> list[list[Hit]]:
+    def submit(self, queries: list[str], k: int) -> concurrent.futures.Future:
+        """-> a future of [len(queries)] lists of k hits (or the search's exception)."""
         pending = _Pending(queries, k)
         self._queue.put(pending)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.hits
+        return pending.future
 
     def close(self) -> None:
         self._queue.put(None)
@@ -92,15 +135,14 @@ class BatchingSearcher:
         for k, group in by_k.items():
             try:
                 hits = self._retriever.search_hits([q for p in group for q in p.queries], k)
-                start = 0
-                for p in group:
-                    p.hits = hits[start:start + len(p.queries)]
-                    start += len(p.queries)
             except Exception as e:  # reported to each waiting request of this k as a 500
                 for p in group:
-                    p.error = e
-        for p in batch:
-            p.done.set()
+                    p.future.set_exception(e)
+                continue
+            start = 0
+            for p in group:
+                p.future.set_result(hits[start:start + len(p.queries)])
+                start += len(p.queries)
 
 
 def _answer_line(hit: Hit) -> str:
@@ -118,126 +160,158 @@ def encode_body(payload: dict) -> bytes:
     return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list, int, bool]:
-    """-> (queries, k, return_scores), or BadRequest naming what is wrong."""
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _field_error(error: dict) -> str:
+    """One pydantic error -> a message naming the field (and the item, for a list's)."""
+    loc = error["loc"]
+    name = str(loc[0]) if loc else ""
+    where = name + "".join(f"[{i}]" for i in loc[1:])
+    means = _FIELD_MEANS.get(name, "")
+    if error["type"] == "missing":
+        return f"missing field {name!r} ({means})"
+    got = error.get("input")
+    shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+    return f"field {name!r} must be {means}: {where} is {shown} ({error['msg']})"
+
+
+def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list[str], int, bool]:
+    """A POST body -> (queries, k, return_scores). Raises BadRequest: 400 for a body that is
+    not strict JSON, not an object or not the path's schema (the message names the field),
+    413 for a request over a limit (too many queries, a query too long, k above max_k)."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"malformed JSON: {e}") from None
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN, huge int
+        raise BadRequest(400, f"malformed JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise BadRequest(400, f"expected a JSON object, got {type(data).__name__}")
-    queries = data.get("queries")
-    if queries is None:
-        raise BadRequest(400, "missing field 'queries' (a list of strings)")
-    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
-        raise BadRequest(400, "field 'queries' must be a list of strings")
+    schema, k_field = SCHEMAS[path]
+    try:
+        request = schema.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise BadRequest(400, "; ".join(_field_error(err) for err in e.errors()[:3])) from None
+    queries, k = request.queries, getattr(request, k_field)
     if len(queries) > limits.max_queries:
         raise BadRequest(413, f"{len(queries)} queries exceed the limit of {limits.max_queries} per request")
     longest = max((len(q) for q in queries), default=0)
     if longest > limits.max_query_chars:
         raise BadRequest(413, f"a query of {longest} characters exceeds the limit of {limits.max_query_chars}")
-    k_field = "k" if path == "/queries" else "topk"
-    k = data.get(k_field, 3)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise BadRequest(400, f"field {k_field!r} must be a positive integer, got {k!r}")
     if k > limits.max_k:
         raise BadRequest(413, f"{k_field}={k} exceeds the limit of {limits.max_k}")
-    return_scores = data.get("return_scores", False)
-    if not isinstance(return_scores, bool):
-        raise BadRequest(400, "field 'return_scores' must be true or false")
-    return queries, k, return_scores
+    return queries, k, getattr(request, "return_scores", False)
 
 
-def make_handler(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int):
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, or BadRequest 413 once more than max_bytes are declared or read (a
+    chunked body has no Content-Length, and a declared one is not trusted alone)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise BadRequest(413, f"a body of {declared} bytes exceeds the limit of {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise BadRequest(413, f"the body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
 
-        def log_message(self, format, *args):  # quiet: one line per request is too much at scale
-            pass
+def _json(status: int, payload: dict) -> Response:
+    try:
+        body = encode_body(payload)
+    except ValueError as e:  # sent as is, no strict client could parse the answer
+        status, body = 500, encode_body({"error": f"retrieval returned a non-finite score ({e})"})
+    return Response(body, status_code=status, media_type="application/json")
 
-        def _send(self, status: int, payload: dict) -> None:
-            try:
-                body = encode_body(payload)
-            except ValueError as e:  # sent as is, no strict client could parse the answer
-                status, body = 500, encode_body({"error": f"retrieval returned a non-finite score ({e})"})
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def do_GET(self):
-            if self.path == "/health":
-                self._send(200, {"status": "ok", "num_passages": num_passages})
-            else:
-                self._send(404, {"error": f"unknown path {self.path!r}; POST /queries or /retrieve"})
+def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int) -> Starlette:
+    """The ASGI app: both POST APIs and /health; every error a JSON {"error": message}."""
 
-        def do_POST(self):
-            if self.path not in ("/queries", "/retrieve"):
-                self._send(404, {"error": f"unknown path {self.path!r}; POST /queries or /retrieve"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._send(411, {"error": "a Content-Length header is required"})
-                self.close_connection = True
-                return
-            if length > limits.max_body_bytes:
-                self._send(413, {"error": f"body of {length} bytes exceeds the limit of {limits.max_body_bytes}"})
-                self.close_connection = True
-                return
-            body = self.rfile.read(length)
-            try:
-                queries, k, return_scores = parse_request(self.path, body, limits)
-            except BadRequest as e:
-                self._send(e.status, {"error": str(e)})
-                return
-            try:
-                hits = searcher.search(queries, k)
-            except Exception as e:  # the server keeps serving; the client learns what failed
-                self._send(500, {"error": f"retrieval failed: {type(e).__name__}: {e}"})
-                return
-            if self.path == "/queries":
-                self._send(200, {"queries": queries, "answers": [[_answer_line(h) for h in hs] for hs in hits]})
-            elif return_scores:
-                self._send(200, {"result": [[{"document": _document(h), "score": h.score} for h in hs]
-                                            for hs in hits]})
-            else:
-                self._send(200, {"result": [[_document(h) for h in hs] for hs in hits]})
+    async def health(request: Request) -> Response:
+        return _json(200, {"status": "ok", "num_passages": num_passages})
 
-    return Handler
+    async def search(request: Request) -> Response:
+        path = request.url.path
+        try:
+            body = await read_body(request, limits.max_body_bytes)
+            queries, k, return_scores = parse_request(path, body, limits)
+        except BadRequest as e:
+            return _json(e.status, {"error": str(e)})
+        except ClientDisconnect:  # nobody is left to read an answer
+            return _json(400, {"error": "the client disconnected before sending its body"})
+        try:
+            hits: Sequence[Sequence[Hit]] = (
+                await asyncio.wrap_future(searcher.submit(queries, k)) if queries else [])
+        except Exception as e:  # the server keeps serving; the client learns what failed
+            return _json(500, {"error": f"retrieval failed: {type(e).__name__}: {e}"})
+        if path == "/queries":
+            return _json(200, {"queries": queries, "answers": [[_answer_line(h) for h in hs] for hs in hits]})
+        if return_scores:
+            return _json(200, {"result": [[{"document": _document(h), "score": h.score} for h in hs]
+                                          for hs in hits]})
+        return _json(200, {"result": [[_document(h) for h in hs] for hs in hits]})
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            message = f"unknown path {request.url.path!r}; {API_HINT}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} not allowed on {request.url.path}; {API_HINT}"
+        else:
+            message = str(exc.detail)
+        return _json(exc.status_code, {"error": message})
+
+    return Starlette(routes=[Route("/health", health, methods=["GET"]),
+                             Route("/queries", search, methods=["POST"]),
+                             Route("/retrieve", search, methods=["POST"])],
+                     exception_handlers={HTTPException: http_error})
 
 
 class RetrievalServer:
-    """A ThreadingHTTPServer plus its batching worker. host 127.0.0.1 by default: loopback only."""
+    """uvicorn serving `make_app`, plus its batching worker. host 127.0.0.1 by default: loopback
+    only. The socket is bound at construction, so `url` holds the port even for port=0."""
 
     def __init__(self, retriever, host: str = "127.0.0.1", port: int = 8000,
                  limits: ServerLimits = ServerLimits(), num_passages: int = -1):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family, backlog=2048)
         self.searcher = BatchingSearcher(retriever, limits.max_queries)
-        self.httpd = ThreadingHTTPServer((host, port), make_handler(self.searcher, limits, num_passages))
-        self.httpd.daemon_threads = True
+        # http="h11" and loop="asyncio" whatever else is installed (uvloop, httptools): h11's
+        # strict parsing is what refuses malformed requests. log_config=None leaves the
+        # process's logging alone.
+        self._server = uvicorn.Server(uvicorn.Config(
+            make_app(self.searcher, limits, num_passages), loop="asyncio", http="h11",
+            lifespan="off", log_config=None, log_level="warning", access_log=False,
+            limit_concurrency=limits.max_connections, timeout_keep_alive=30,
+            timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self._socket.getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def serve_forever(self) -> None:
-        self.httpd.serve_forever()
+        """Serves on this thread until SIGINT or SIGTERM (main thread) or `stop`."""
+        self._server.run(sockets=[self._socket])
 
     def start(self) -> "RetrievalServer":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True, name="retrieval-http")
+        """Serves on a daemon thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="retrieval-http")
         self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the retrieval server at {self.url} failed to start")
+            self._thread.join(timeout=0.01)
         return self
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.searcher.close()
+        self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._socket.close()
+        self.searcher.close()
 
     def __enter__(self) -> "RetrievalServer":
         return self.start()

@@ -328,3 +328,31 @@ def test_client_retries_transient_failures_but_not_bad_requests():
     unreachable = HttpRetriever(url, retries=1, backoff_s=0.01, timeout_s=1)
     with pytest.raises(RetrievalServerError, match="after 1 retries"):
         unreachable.search(["q"], 1)
+
+
+def test_client_rejects_answers_not_of_its_api_and_a_bad_on_failure():
+    bodies = [b'{"queries": ["a", "b"], "answers": [["1\\tTitle: A Text: a"]]}', b'{"result": 3}', b"[1]"]
+
+    class Wrong(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = bodies.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with _serving(Wrong) as url:
+        with pytest.raises(RetrievalServerError, match=r"/queries answered 1 results for 2 queries"):
+            HttpRetriever(url, retries=0).search(["a", "b"], 1)
+        with pytest.raises(RetrievalServerError, match=r"/retrieve answered JSON not of the searchr1 API"):
+            HttpRetriever(url, api="searchr1", retries=0).search(["a"], 1)
+        none_document = HttpRetriever(url, retries=0, on_failure="none_document")
+        assert none_document.search(["a", "b"], 1) == [[], []]  # a JSON list, not an object
+        assert none_document.take_metrics() == {"retrieval/failed_queries": 2.0}
+        assert none_document.take_metrics() == {"retrieval/failed_queries": 0.0}  # counted once
+    with pytest.raises(ValueError, match="on_failure must be one of"):
+        RetrieverConfig(backend="http", url="http://127.0.0.1:1", on_failure="skip")
