@@ -61,6 +61,11 @@ class RLConfig:
     total_steps: int = 1000  # Optimizer steps of the whole run (the schedule's length).
     mini_batch_size: int = 256  # Rows per optimizer step.
     micro_batch_size: int = 8  # Rows per forward/backward; gradients are accumulated.
+    # Length-aware micro-batches (length_buckets.py): after the advantages, each mini-batch's
+    # rows are sorted by length and each micro-batch runs at the smallest of this many widths
+    # (T * i / n) that holds its rows. 1: every micro-batch at the batch's width T. Exact
+    # either way; more buckets skip more padding and compile more branches.
+    length_buckets: int = 1
     logprob_chunk: int = 512  # Sequence positions per logits chunk ([rows, chunk, vocab] at most).
 
     def __post_init__(self):
@@ -102,7 +107,7 @@ class RLConfig:
             raise ValueError(f"RLConfig.mini_batch_size {self.mini_batch_size} is not a multiple of "
                              f"micro_batch_size {self.micro_batch_size}")
         for name in ("total_steps", "mini_batch_size", "micro_batch_size", "logprob_chunk",
-                     "dynamic_sampling_draws"):
+                     "dynamic_sampling_draws", "length_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RLConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("loss_norm_tokens", "overlong_buffer", "overlong_penalty"):

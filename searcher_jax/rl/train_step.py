@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from searcher_jax.model import sharding
 from searcher_jax.rl import advantages as adv_lib
 from searcher_jax.rl import kl as kl_lib
+from searcher_jax.rl import length_buckets
 from searcher_jax.rl import losses
 from searcher_jax.rl.batch import RolloutBatch, check_batch, split_rows, unsplit_rows
 from searcher_jax.rl.config import RLConfig
@@ -127,7 +128,8 @@ def micro_batch_loss(params, graphdef, micro: dict, normalizer: losses.Normalize
 
 
 def accumulate_gradients(params, graphdef, micro_batches: dict, config: RLConfig,
-                         old_is_current=False, grad_shardings=None):
+                         old_is_current=False, grad_shardings=None,
+                         widths: tuple[int, ...] | None = None):
     """Gradients of one optimizer step, summed over micro-batches.
 
     Args:
@@ -135,6 +137,8 @@ def accumulate_gradients(params, graphdef, micro_batches: dict, config: RLConfig
         old_logp, optionally ref_logp and sampler_logp).
       old_is_current: True when params are the rollout params (see module doc).
       grad_shardings: the params' shardings, to keep the accumulator laid out like them.
+      widths: static widths (length_buckets.bucket_widths); each micro-batch then runs at the
+        smallest that holds its last loss token. None: every one at the full width T.
     Returns:
       (grads, metrics): the step's gradient and its metrics (loss, pg_loss, ...).
     """
@@ -146,9 +150,17 @@ def accumulate_gradients(params, graphdef, micro_batches: dict, config: RLConfig
             return grads
         return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
+    def micro_grads(micro):
+        (_, metrics), grads = grad_fn(params, graphdef, micro, normalizer, config, old_is_current)
+        return metrics, grads
+
     def body(carry, micro):
         grad_sum, metric_sum = carry
-        (_, metrics), grads = grad_fn(params, graphdef, micro, normalizer, config, old_is_current)
+        if widths is None:
+            metrics, grads = micro_grads(micro)
+        else:
+            needed = length_buckets.row_ends(micro["loss_mask"].astype(bool)).max()
+            metrics, grads = length_buckets.at_width(micro_grads, widths, needed, micro)
         grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads))
         return (grad_sum, jax.tree.map(jnp.add, metric_sum, metrics)), None
 
@@ -205,6 +217,12 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
     def step(state: TrainState, batch: RolloutBatch):
         check_batch(batch, config)
         b, t = batch.tokens.shape
+        loss_config = config
+        widths = None
+        if config.length_buckets > 1:
+            widths = length_buckets.bucket_widths(t, config.length_buckets)
+            # seq_sum_batch_mean's constant stays the batch's width, not a micro-batch's.
+            loss_config = dataclasses.replace(config, loss_norm_tokens=config.loss_norm_tokens or t)
         num_mini = config.steps_per_batch(b)
         num_micro = config.mini_batch_size // config.micro_batch_size
         scored = jnp.arange(t)[None, :] >= 1  # column 0 has no log-prob (logprobs.py)
@@ -217,13 +235,34 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
         def unsplit(x):
             return _constrain_rows(unsplit_rows(x), mesh, 0)
 
-        tokens = split(batch.tokens)  # [k, nm, m, T]
+        tokens, split_sampled = split(batch.tokens), split(sampled)  # [k, nm, m, T]
+        order = None
+        if widths is not None:
+            # Each mini-batch's rows by length (its last sampled token), so that its
+            # micro-batches hold rows of like length; the same rows, only reordered.
+            order = length_buckets.mini_batch_order(length_buckets.row_ends(split_sampled))
+            tokens, split_sampled = (_constrain_rows(length_buckets.permute(x, order), mesh, 2)
+                                     for x in (tokens, split_sampled))
+
         # 1. Old log-probs, micro-batch by micro-batch (the loss's shapes and function).
-        flat_tokens = tokens.reshape(num_mini * num_micro, *tokens.shape[2:])
-        old_logp = jax.lax.map(
-            lambda x: policy_logprobs(graphdef, state.params, x, config.logprob_chunk)[0],
-            flat_tokens)
-        old_logp = unsplit(old_logp.reshape(tokens.shape))  # [B, T]
+        def logprobs(micro):
+            logp = policy_logprobs(graphdef, state.params, micro["tokens"], config.logprob_chunk)[0]
+            return jnp.pad(logp, ((0, 0), (0, t - logp.shape[1])))
+
+        def micro_logprobs(micro):
+            if widths is None:
+                return logprobs(micro)
+            # Log-probs past a row's last sampled token are never read.
+            needed = length_buckets.row_ends(micro["sampled"]).max()
+            return length_buckets.at_width(logprobs, widths, needed, micro)
+
+        flat = lambda x: x.reshape(num_mini * num_micro, *x.shape[2:])  # pylint: disable=unnecessary-lambda-assignment
+        old_logp = jax.lax.map(micro_logprobs, {"tokens": flat(tokens),
+                                                "sampled": flat(split_sampled)})
+        old_logp = old_logp.reshape(tokens.shape)
+        if order is not None:
+            old_logp = _constrain_rows(length_buckets.unpermute(old_logp, order), mesh, 2)
+        old_logp = unsplit(old_logp)  # [B, T]
 
         # 2. Advantages over the whole rollout batch.
         kl_reward = None
@@ -242,12 +281,16 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
             per_step["ref_logp"] = split(batch.ref_logprobs)
         if config.tis_cap is not None:
             per_step["sampler_logp"] = split(batch.sampler_logprobs)
+        if order is not None:  # in the order of the tokens (already sorted above)
+            per_step = {name: x if name == "tokens" else
+                        _constrain_rows(length_buckets.permute(x, order), mesh, 2)
+                        for name, x in per_step.items()}
         is_first = jnp.arange(num_mini) == 0
 
         def optimizer_step(carry: TrainState, inputs):
             mini, old_is_current = inputs
-            grads, step_metrics = accumulate_gradients(carry.params, graphdef, mini, config,
-                                                       old_is_current, param_shardings)
+            grads, step_metrics = accumulate_gradients(carry.params, graphdef, mini, loss_config,
+                                                       old_is_current, param_shardings, widths)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
             # The normalizer's token count: 0 when dynamic sampling dropped every prompt here.
