@@ -33,13 +33,20 @@ def read_questions(path) -> list[Question]:
     """Reads a question file (local or gs://), or `DIR:SPLIT` of a question_records dataset.
 
     Raises ValueError naming file and line (1-based; the item number in a .json list) for a
-    malformed row, including a gold answer that normalises to nothing (SPEC section 3).
+    malformed row, including a gold answer that normalises to nothing (SPEC section 3), text
+    that is not UTF-8, and a string holding a lone surrogate (a `\\ud800` JSON escape: no
+    tokenizer can encode it).
     """
     spec = split_spec(path)
     if spec is not None:
         return _read_split(*spec)
     path = epath.Path(path)
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}, line {line}: not UTF-8 (byte 0x{data[error.start]:02x})") from None
     if path.suffix == ".json":
         try:
             rows = json.loads(text)
@@ -109,6 +116,7 @@ def _parse_row(row, where: str, default_id: str) -> Question:
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: missing or non-string 'question' (got {question!r})")
+    _check_encodable(question, where, "question")
     # FlashRAG calls the golds "golden_answers"; the authors' files call them "answer".
     key = "golden_answers" if "golden_answers" in row else "answer"
     answer = row.get(key)
@@ -131,10 +139,19 @@ def _checked_golds(golds: Sequence, where: str, key: str) -> tuple[str, ...]:
     for gold in golds:
         if not isinstance(gold, str):
             raise ValueError(f"{where}: {key!r} has a non-string answer {gold!r}")
+        _check_encodable(gold, where, key)
         if not metrics.normalize_answer(gold):
             raise ValueError(f"{where}: {key!r} has an answer that normalises to nothing "
                              f"(articles, punctuation or spaces only): {gold!r}")
     return tuple(golds)
+
+
+def _check_encodable(text: str, where: str, key: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{where}: {key!r} holds a lone surrogate "
+                         f"({text[error.start]!r}), not text") from None
 
 
 def _grain_seed(seed: int) -> int:
