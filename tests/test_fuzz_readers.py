@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from searcher_jax.data.questions import Question, read_questions
+from searcher_jax.data.question_reader import Question, read_questions
 from searcher_jax.retrieval import corpus_formats, corpus_store
 from searcher_jax.rl import metrics
 
