@@ -232,7 +232,7 @@ class Checkpointer:
 
     def _rename_aside(self, step: int) -> epath.Path:
         """Renames step folder `step` to `<step>.damaged` (`.damaged-2`, ... if taken) on
-        process 0 (the folder is shared); returns the new path."""
+        process 0 (the folder is shared; the others wait for it); returns the new path."""
         aside = self.directory / f"{step}{_DAMAGED}"
         n = 1
         while aside.exists():
@@ -240,6 +240,11 @@ class Checkpointer:
             aside = self.directory / f"{step}{_DAMAGED}-{n}"
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            # Every process must stop listing the step before any saves again: a process that
+            # still saw it would skip the save of that step the others make together.
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices(f"checkpoint step {step} renamed aside")
         self._manager.reload()  # Forget the renamed step.
         return aside
 
