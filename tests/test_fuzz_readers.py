@@ -14,7 +14,7 @@ from searcher_jax.retrieval import corpus_formats, corpus_store
 from searcher_jax.rl import metrics
 
 # Deterministic (the same examples on every run and machine), no example database written.
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 TAGS = ["\t", "\n", "\r", '"', "Title: ", " Text: ", "   ", "\ufeff", "é", "\\ud800", "{", "}"]
