@@ -116,17 +116,18 @@ trainer.train(tiny_run(world, pathlib.Path(workdir), steps=int(step)))
 def test_a_run_killed_while_saving_resumes_and_equals_the_uninterrupted_run(
         first_run, world_model_dir, tmp_path, caplog):
     """A run preempted right after saving step 2 is resumed with the same config and killed
-    (SIGKILL) while its asynchronous save of step 3 is being written. The next start resumes
-    from step 2, the last complete checkpoint, warns of the unfinished save, and ends where the
-    uninterrupted run ended: params, Adam state, data position and metrics equal bit for bit
-    on CPU."""
+    (SIGKILL) while its asynchronous save of step 3 is being written; then its step 2 is found
+    damaged (array files truncated). The next start warns of the unfinished save, renames step
+    2 aside (kept, with a warning naming it), resumes from step 1, the last complete
+    checkpoint, and ends where the uninterrupted run ended: params, Adam state, data position
+    and metrics equal bit for bit on CPU."""
     workdir, _ = first_run
     resumed = tmp_path / "resumed"
-    shutil.copytree(workdir / "checkpoints" / "2", resumed / "checkpoints" / "2")
+    for step in (1, 2):
+        shutil.copytree(workdir / "checkpoints" / str(step), resumed / "checkpoints" / str(step))
     records = read_metrics(workdir)
-    (resumed / "metrics.jsonl").write_text("".join(
-        json.dumps(r) + "\n" for r in records if r["step"] <= 2 and r["kind"] == "train"
-        or r["step"] == 0))
+    kept = [r for r in records if r["step"] <= 2 and r["kind"] == "train" or r["step"] == 0]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     process = subprocess.Popen(
         [sys.executable, "-c", _STALLED_SAVE, str(world_model_dir), str(resumed), str(KILL_AT)],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -141,18 +142,29 @@ def test_a_run_killed_while_saving_resumes_and_equals_the_uninterrupted_run(
     assert process.returncode == -signal.SIGKILL
     unfinished = pathlib.Path((resumed / "saving").read_text())
     assert unfinished.is_dir() and unfinished.name.startswith(f"{KILL_AT}.orbax-checkpoint-tmp")
-    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    checkpoints = resumed / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["1", "2"]
+    arrays = [p for p in (checkpoints / "2" / "state").rglob("*") if p.parent.name == "d"]
+    for path in arrays:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    damaged = {p.relative_to(checkpoints / "2"): p.read_bytes()
+               for p in (checkpoints / "2").rglob("*") if p.is_file()}
 
     with caplog.at_level(logging.WARNING):
         trainer.train(tiny_run(world_model_dir, resumed, steps=STEPS))
     assert f"{unfinished} is an unfinished save" in caplog.text
+    assert re.search(rf"checkpoint step 2 in {re.escape(str(checkpoints))} is damaged and was "
+                     rf"renamed aside to {re.escape(str(checkpoints / '2.damaged'))} .*resuming "
+                     rf"from step 1", caplog.text)
+    assert {p.relative_to(checkpoints / "2.damaged"): p.read_bytes()
+            for p in (checkpoints / "2.damaged").rglob("*") if p.is_file()} == damaged
     again = read_metrics(resumed)
-    # The killed process logged step 3 before its save began; the rerun logs it again, the same.
-    assert [(r["kind"], r["step"]) for r in again] == [
-        (r["kind"], r["step"]) for r in records if r["step"] <= 2] + [("train", 3)] + [
-        (r["kind"], r["step"]) for r in records if r["step"] > 2]
-    del again[[(r["kind"], r["step"]) for r in again].index(("train", 3))]
-    for one, two in zip(records, again, strict=True):
+    # The killed process logged step 3 before its save began, and the rerun logs steps 2 and
+    # 3 again: the same records.
+    assert [(r["kind"], r["step"]) for r in again] == [(r["kind"], r["step"]) for r in kept] + [
+        ("train", 3), ("train", 2), ("train", 3), ("eval", 3)]
+    rerun = again[:2] + again[-3:]
+    for one, two in zip(records, rerun, strict=True):
         assert {k: v for k, v in one.items() if k not in TIMING} == {
             k: v for k, v in two.items() if k not in TIMING}
     (state, meta), (state_again, meta_again) = _saved(workdir, STEPS), _saved(resumed, STEPS)
