@@ -5,11 +5,20 @@
     <directory>/<step>/meta/   e.g. {"rollout_step": 12, "data_position": 384, "rng_seed": 0,
                                "config": {...}}
 
-Orbax writes a step into a temporary folder and renames it (or, on GCS, writes a commit
-marker) only when complete, so a crash mid-save never damages an earlier step. Saves are
-asynchronous: `save` returns once the arrays are copied to host memory (so the train step
-may donate them), the files are written in the background; `wait()` blocks until done.
-Paths go through etils.epath, so `directory` may be local or gs://.
+Orbax writes a step into a temporary folder (`<step>.orbax-checkpoint-tmp`) and renames it
+(or, on GCS, writes a commit marker) only when complete, so a crash mid-save never damages an
+earlier step. Saves are asynchronous: `save` returns once the arrays are copied to host memory
+(so the train step may donate them), the files are written in the background; `wait()` blocks
+until done. Paths go through etils.epath, so `directory` may be local or gs://.
+
+What can go wrong on the way, and what the user gets:
+- killed mid-save: the temporary folder stays behind, never listed as a step; `restore_latest`
+  resumes from the last complete step and warns that the unfinished save is there.
+- a complete step damaged later (array files truncated or deleted, its meta gone):
+  `restore_latest` falls back to the newest step that reads back whole, renames the damaged
+  ones aside to `<step>.damaged` (never deleted) and warns with the step and the fault.
+- the disk or quota fills while writing: `CheckpointDiskFullError` names the directory and
+  the step; the earlier steps are untouched.
 
 A stage hands its final policy to the next one through this directory (DESIGN.md point 8):
 `restore_params` reads only the params of a run's latest step, the next run's initial policy
@@ -17,9 +26,13 @@ and reference (SPEC section 4).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
 from typing import Any, Self
 
 import jax
@@ -37,6 +50,13 @@ from searcher_jax.rl.train_step import (
 
 _MAX_LISTED = 5  # Differing leaves named in a mismatch error.
 _MAX_MESSAGE = 1500  # Characters of orbax's own message kept (tensorstore specs run to pages).
+_UNFINISHED = ".orbax-checkpoint-tmp"  # Orbax's suffix of a step folder still being written.
+_DAMAGED = ".damaged"  # Suffix of a damaged step renamed aside (orbax lists only integer names).
+# Writes that fail for want of room: no space, over quota, or over the process's file-size limit.
+_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+         errno.EFBIG: "a file exceeds the size limit"}
+# Tensorstore's errors are ValueErrors that carry the OS error number in their text only.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +73,11 @@ class CheckpointConfig:
 
 class CheckpointDamagedError(RuntimeError):
     """A step folder exists but cannot be read back (files missing or truncated)."""
+
+
+class CheckpointDiskFullError(OSError):
+    """A save failed for want of room (errno ENOSPC, EDQUOT or EFBIG); the earlier steps are
+    untouched. `errno` is the OS error number."""
 
 
 def abstract_train_state(params, config: RLConfig, mesh: Mesh) -> TrainState:
@@ -80,6 +105,7 @@ class Checkpointer:
             self.directory, options=options, item_names=("state", "meta"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "meta": ocp.JsonCheckpointHandler()})
+        self._writing: int | None = None  # The step of the save in flight, named by its errors.
 
     def save(self, step: int, train_state: TrainState, meta: dict, force: bool = False) -> bool:
         """Starts saving `step` when it is a multiple of save_every (or `force`); True if started.
@@ -93,13 +119,41 @@ class Checkpointer:
         if step in self._manager.all_steps():  # Lists a step as soon as its save starts.
             return False
         meta = json.loads(json.dumps(meta))  # Fails here, with the offending value, if not JSON.
-        # Orbax first waits for the previous save, then copies the arrays to host and returns.
-        return self._manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)))
+        # Orbax first waits for the previous save (raising its error, if it failed), then
+        # copies the arrays to host and returns.
+        with self._naming_full_disk():
+            started = self._manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(train_state), meta=ocp.args.JsonSave(meta)))
+        self._writing = step
+        return started
 
     def wait(self) -> None:
-        """Blocks until the last save is fully written (and old steps are pruned)."""
-        self._manager.wait_until_finished()
+        """Blocks until the last save is fully written (and old steps are pruned).
+
+        Raises:
+          CheckpointDiskFullError: that save ran out of room (also raised by the next `save`
+            or `close`, whichever comes first).
+        """
+        with self._naming_full_disk():
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _naming_full_disk(self):
+        """Re-raises a write that failed for want of room as CheckpointDiskFullError, naming
+        the directory and the step; other errors pass unchanged."""
+        try:
+            yield
+        except Exception as error:
+            code = _os_error_code(error)
+            if code not in _FULL:
+                raise
+            step, self._writing = self._writing, None
+            kept = [s for s in self.all_steps() if s != step]
+            raise CheckpointDiskFullError(
+                code, f"saving checkpoint step {step} to {self.directory} failed: {_FULL[code]} "
+                f"({os.strerror(code)}). The earlier steps are intact (latest complete: "
+                f"{kept[-1] if kept else 'none'}); the partial {step}{_UNFINISHED} folder may be "
+                f"deleted. Free space (or raise the quota) and rerun to resume.") from error
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -135,6 +189,64 @@ class Checkpointer:
                                          f"(restore another step, or delete it): {orbax_message}"
                                          ) from error
         return restored.state, dict(restored.meta)
+
+    def restore_latest(self, abstract_state: TrainState) -> tuple[TrainState, dict, int]:
+        """(TrainState, meta, step) of the newest step that reads back whole: how a run resumes.
+
+        Each step is tried newest first. When a newer one is damaged (CheckpointDamagedError:
+        array files truncated or deleted, its meta gone), the run falls back to an older one,
+        and each damaged step is renamed aside to `<step>.damaged` in the same directory,
+        never deleted, with a warning that names the step, the fault and the new name: left
+        in place, it would stay the "latest" step, and the rerun's save of that step number
+        would be skipped as already on disk. Leftover `<step>.orbax-checkpoint-tmp` folders
+        (a save killed midway) are never steps; a warning names them, they stay in place.
+
+        Raises:
+          FileNotFoundError: no checkpoint in the directory.
+          ValueError: the newest step holds another model's or optimizer's state (a config
+            error, not damage: no fallback, nothing renamed).
+          CheckpointDamagedError: no step reads back; names the directory and each step's
+            fault, and nothing is renamed.
+        """
+        steps = self._existing_steps()
+        for unfinished in sorted(self.directory.glob(f"*{_UNFINISHED}*")):
+            logging.warning("checkpoint: %s is an unfinished save (the process stopped while "
+                            "writing it); it is not a step and is left in place (delete it to "
+                            "free its space)", unfinished)
+        faults = []
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except CheckpointDamagedError as error:
+                faults.append((step, str(error)))
+                continue
+            for damaged, fault in faults:
+                aside = self._rename_aside(damaged)
+                logging.warning("checkpoint step %d in %s is damaged and was renamed aside to "
+                                "%s (kept, not deleted); resuming from step %d instead. The "
+                                "fault: %s", damaged, self.directory, aside, step, fault)
+            return state, meta, step
+        listed = "".join(f"\n  step {step}: {fault}" for step, fault in faults)
+        raise CheckpointDamagedError(f"no checkpoint in {self.directory} reads back whole "
+                                     f"(nothing was moved or deleted):{listed}")
+
+    def _rename_aside(self, step: int) -> epath.Path:
+        """Renames step folder `step` to `<step>.damaged` (`.damaged-2`, ... if taken) on
+        process 0 (the folder is shared; the others wait for it); returns the new path."""
+        aside = self.directory / f"{step}{_DAMAGED}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.directory / f"{step}{_DAMAGED}-{n}"
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        if jax.process_count() > 1:
+            # Every process must stop listing the step before any saves again: a process that
+            # still saw it would skip the save of that step the others make together.
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            multihost_utils.sync_global_devices(f"checkpoint step {step} renamed aside")
+        self._manager.reload()  # Forget the renamed step.
+        return aside
 
     def restore_params(self, step: int | None, abstract_params) -> Any:
         """Only the params of `step` (None: the latest), each on the sharding of its
@@ -174,13 +286,23 @@ class Checkpointer:
     def _existing_step(self, step: int | None) -> int:
         """`step` (None: the latest) once saves in flight are written; FileNotFoundError if it
         is not in the directory."""
-        self.wait()
-        steps = self.all_steps()
-        step = steps[-1] if step is None and steps else step
-        if step is None or step not in steps:
-            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} "
-                                    f"in {self.directory} (steps there: {steps})")
+        steps = self._existing_steps() if step is None else self._steps_written()
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
+                                    f"(steps there: {steps})")
         return step
+
+    def _steps_written(self) -> list[int]:
+        self.wait()
+        return self.all_steps()
+
+    def _existing_steps(self) -> list[int]:
+        """The steps on disk once saves in flight are written; FileNotFoundError if none."""
+        steps = self._steps_written()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory} (steps there: [])")
+        return steps
 
     def _differences(self, step: int, abstract_state) -> list[str]:
         """Leaves missing, extra or of another shape/dtype in `step` versus `abstract_state` (a
@@ -209,9 +331,12 @@ class Checkpointer:
         return found
 
     def close(self) -> None:
-        """Waits for the last save, then releases orbax's threads."""
-        self.wait()
-        self._manager.close()
+        """Waits for the last save, then releases orbax's threads (also when that save failed:
+        its error is raised after)."""
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def __enter__(self) -> Self:
         return self
@@ -260,6 +385,21 @@ def restore_params(directory: str, abstract_params) -> tuple[Any, epath.Path]:
     step_dir = latest_checkpoint(directory)
     with Checkpointer(CheckpointConfig(str(step_dir.parent), save_every=1)) as checkpointer:
         return checkpointer.restore_params(int(step_dir.name), abstract_params), step_dir
+
+
+def _os_error_code(error: BaseException) -> int | None:
+    """The OS error number of `error` or of an error it was raised from: an OSError's errno,
+    or the os_error_code tensorstore writes into its messages."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error.errno
+        found = _OS_ERROR_CODE.search(str(error))
+        if found:
+            return int(found.group(1))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _describe(leaf) -> str:

@@ -7,8 +7,8 @@ Every round decodes one segment for the live rows; a row that paused at
 document block appended with `Sampler.extend`, which writes at the row's
 cursor, so no prefix is ever re-encoded. Rows end at `</answer>`, any of the
 model's end-of-sequence ids (`hf_io.eos_token_ids`: an instruct model has
-several), the segment limit, a missing or empty query, the retrieval limit
-(the segment after the last retrieval is final) or a full buffer.
+several), the segment limit, a missing, empty or over-long query, the retrieval
+limit (the segment after the last retrieval is final) or a full buffer.
 
 A row whose document block would not fit whole in the buffer ends there,
 truncated, with nothing inserted (SPEC section 2: log rows that hit the
@@ -48,8 +48,8 @@ ANSWER_END = "</answer>"
 STOP_STRINGS = (END_QUERY, ANSWER_END)  # the sampler's stop ids 0 and 1
 
 # Why a trajectory ended.
-END_REASONS = ("answer", "eos", "segment_limit", "no_query", "empty_query", "retrieval_limit",
-               "truncated")
+END_REASONS = ("answer", "eos", "segment_limit", "no_query", "empty_query", "long_query",
+               "retrieval_limit", "truncated")
 
 
 class Tokenizer(Protocol):
@@ -68,11 +68,18 @@ class Searcher(Protocol):
 class RolloutConfig:
     max_retrievals: int = 8  # 8 in training, 9 in evaluation; one more segment follows the last
     top_k: int = 3  # passages per search: 3 in training, 5 in evaluation
+    # A query longer than this (characters, after clean_query) ends its row ("long_query")
+    # unsearched. SPEC section 2 asks for keywords of one triple, and bounds a query only by
+    # its segment (512 tokens, a few thousand characters): past this it is the policy
+    # rambling, not a search, and the retrieval server refuses queries over its own
+    # max_query_chars (4096) for the whole batch.
+    max_query_chars: int = 2048
 
     def __post_init__(self):
-        if self.max_retrievals < 0 or self.top_k < 1:
-            raise ValueError(f"RolloutConfig: max_retrievals ({self.max_retrievals}) must be >= 0 "
-                             f"and top_k ({self.top_k}) >= 1")
+        if self.max_retrievals < 0 or self.top_k < 1 or self.max_query_chars < 1:
+            raise ValueError(f"RolloutConfig: max_retrievals ({self.max_retrievals}) must be >= 0, "
+                             f"top_k ({self.top_k}) and max_query_chars "
+                             f"({self.max_query_chars}) >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +195,8 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
                     row.end_reason = "no_query"
                 elif not query:
                     row.end_reason = "empty_query"
+                elif len(query) > config.max_query_chars:
+                    row.end_reason = "long_query"
                 elif round_ == config.max_retrievals:
                     row.end_reason = "retrieval_limit"
                 else:

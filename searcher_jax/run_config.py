@@ -10,10 +10,12 @@ fails here with the section and the valid names.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import types
 import typing
 from typing import Any, Mapping
 
+import numpy as np
 from ml_collections import config_dict
 
 from searcher_jax.data.config import DataConfig
@@ -89,13 +91,49 @@ def _optional_type(hint, name: str) -> type:
 
 
 def build(cls, section: Mapping[str, Any], name: str):
-    """cls(**section), with an error that names the section and its valid keys."""
+    """cls(**section), with an error that names the section and the key.
+
+    Raises ValueError, starting `config.<name>`: an unknown key (listing the valid ones), a
+    value of another type than the field's (`config.rl.kl_coef: expected float, got 'abc'`;
+    an int is a float, a bool is not a number), or a value the class refuses (its own check).
+    """
     section = dict(section)
     unknown = sorted(set(section) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"config.{name}: unknown key(s) {unknown}; valid keys: "
                          f"{sorted(f.name for f in dataclasses.fields(cls))}")
-    return cls(**section)
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        if not _has_type(value, hints[key]):
+            raise ValueError(f"config.{name}.{key}: expected {_type_name(hints[key])}, got "
+                             f"{value!r} ({type(value).__name__})")
+    try:
+        return cls(**section)
+    except ValueError as error:
+        raise ValueError(f"config.{name}: {error}") from error
+
+
+def _has_type(value, hint) -> bool:
+    """Whether `value` fits a config field's type hint (bool, int, float, str, a dataclass, or
+    `X | None` of these; a generic such as tuple[str, ...] is not checked)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    is_bool = isinstance(value, (bool, np.bool_))
+    if hint is bool:
+        return is_bool
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not is_bool
+    if hint is float:
+        return isinstance(value, numbers.Real) and not is_bool
+    if isinstance(hint, type) and typing.get_origin(hint) is None:  # not list[str] and the like
+        return isinstance(value, hint)
+    return True
+
+
+def _type_name(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
 
 
 def sampler_config(config) -> SamplerConfig:

@@ -347,7 +347,8 @@ def train(config) -> dict[str, Any]:
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_cfg)
     start, position = 0, 0
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(None, jax.tree.map(abstract_like, state))
+        # The newest step that reads back whole; damaged newer ones are renamed aside, warned.
+        state, meta, _ = checkpointer.restore_latest(jax.tree.map(abstract_like, state))
         start, position = meta["step"], meta["data_position"]
         logging.info("resumed from %s at step %d (data position %d)", workdir / "checkpoints",
                      start, position)

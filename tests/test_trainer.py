@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -91,21 +92,79 @@ def _saved(workdir, step: int):
     return jax.tree.map(np.asarray, state), meta
 
 
-def test_a_resumed_run_equals_the_uninterrupted_run(first_run, world_model_dir, tmp_path):
-    """What a run preempted right after saving step 2 leaves on disk, resumed with the same
-    config, ends where the uninterrupted run ended: params, Adam state, data position and
-    metrics equal bit for bit on CPU."""
+# Run in a subprocess: stalls the commit of step KILL_AT's checkpoint (its files written, not
+# yet renamed from orbax's temporary folder) and writes a marker, so the test can SIGKILL the
+# process in the middle of that asynchronous save.
+KILL_AT = STEPS
+_STALLED_SAVE = """
+import asyncio, pathlib, sys
+from orbax.checkpoint._src.path import atomicity
+from searcher_jax import trainer
+from tests.test_trainer import tiny_run
+world, workdir, step = sys.argv[1:]
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+async def stalled(self):
+    if self._final_path.name == step:
+        (pathlib.Path(workdir) / "saving").write_text(str(self.get()))
+        await asyncio.sleep(3600)
+    return await commit(self)
+atomicity.AtomicRenameTemporaryPath.finalize = stalled
+trainer.train(tiny_run(world, pathlib.Path(workdir), steps=int(step)))
+"""
+
+
+def test_a_run_killed_while_saving_resumes_and_equals_the_uninterrupted_run(
+        first_run, world_model_dir, tmp_path, caplog):
+    """A run preempted right after saving step 2 is resumed with the same config and killed
+    (SIGKILL) while its asynchronous save of step 3 is being written; then its step 2 is found
+    damaged (array files truncated). The next start warns of the unfinished save, renames step
+    2 aside (kept, with a warning naming it), resumes from step 1, the last complete
+    checkpoint, and ends where the uninterrupted run ended: params, Adam state, data position
+    and metrics equal bit for bit on CPU."""
     workdir, _ = first_run
     resumed = tmp_path / "resumed"
-    shutil.copytree(workdir / "checkpoints" / "2", resumed / "checkpoints" / "2")
+    for step in (1, 2):
+        shutil.copytree(workdir / "checkpoints" / str(step), resumed / "checkpoints" / str(step))
     records = read_metrics(workdir)
-    (resumed / "metrics.jsonl").write_text("".join(
-        json.dumps(r) + "\n" for r in records if r["step"] <= 2 and r["kind"] == "train"
-        or r["step"] == 0))
-    trainer.train(tiny_run(world_model_dir, resumed, steps=STEPS))
+    kept = [r for r in records if r["step"] <= 2 and r["kind"] == "train" or r["step"] == 0]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    process = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_SAVE, str(world_model_dir), str(resumed), str(KILL_AT)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (resumed / "saving").exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.time() < deadline, "the save of the last step did not start in 300 s"
+        time.sleep(0.2)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    unfinished = pathlib.Path((resumed / "saving").read_text())
+    assert unfinished.is_dir() and unfinished.name.startswith(f"{KILL_AT}.orbax-checkpoint-tmp")
+    checkpoints = resumed / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["1", "2"]
+    arrays = [p for p in (checkpoints / "2" / "state").rglob("*") if p.parent.name == "d"]
+    for path in arrays:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    damaged = {p.relative_to(checkpoints / "2"): p.read_bytes()
+               for p in (checkpoints / "2").rglob("*") if p.is_file()}
+
+    with caplog.at_level(logging.WARNING):
+        trainer.train(tiny_run(world_model_dir, resumed, steps=STEPS))
+    assert f"{unfinished} is an unfinished save" in caplog.text
+    assert re.search(rf"checkpoint step 2 in {re.escape(str(checkpoints))} is damaged and was "
+                     rf"renamed aside to {re.escape(str(checkpoints / '2.damaged'))} .*resuming "
+                     rf"from step 1", caplog.text)
+    assert {p.relative_to(checkpoints / "2.damaged"): p.read_bytes()
+            for p in (checkpoints / "2.damaged").rglob("*") if p.is_file()} == damaged
     again = read_metrics(resumed)
-    assert [(r["kind"], r["step"]) for r in again] == [(r["kind"], r["step"]) for r in records]
-    for one, two in zip(records, again):
+    # The killed process logged step 3 before its save began, and the rerun logs steps 2 and
+    # 3 again: the same records.
+    assert [(r["kind"], r["step"]) for r in again] == [(r["kind"], r["step"]) for r in kept] + [
+        ("train", 3), ("train", 2), ("train", 3), ("eval", 3)]
+    rerun = again[:2] + again[-3:]
+    for one, two in zip(records, rerun, strict=True):
         assert {k: v for k, v in one.items() if k not in TIMING} == {
             k: v for k, v in two.items() if k not in TIMING}
     (state, meta), (state_again, meta_again) = _saved(workdir, STEPS), _saved(resumed, STEPS)

@@ -9,7 +9,7 @@ parsed and checked by `read_questions` when the dataset is built, so a malformed
 the build with its file and line instead of a run hours later. A run names a split with
 `DIR:SPLIT` wherever it takes a question file (data/questions.py parses it):
 `--config.data.train_file=gs://bucket/questions/question_records/1.0.0:train`.
-read_questions reads a split back, in data/questions.py: this module imports the reader to
+read_questions (data/question_reader.py) reads a split back: this module imports the reader to
 build a dataset, so the reader does not import this module. It reads with random access
 (tfds.data_source), never all decoded up front by TFDS; TFDS stores records in an order of its
 own (a hash of each question's position in its file).
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import tensorflow_datasets as tfds
 from etils import epath
 
-from searcher_jax.data.questions import read_questions
+from searcher_jax.data.question_reader import read_questions
 
 
 class QuestionRecords(tfds.core.GeneratorBasedBuilder):

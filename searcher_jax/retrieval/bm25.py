@@ -63,7 +63,21 @@ class BM25Index:
 
     @classmethod
     def load(cls, directory: str | pathlib.Path, num_passages: int) -> "BM25Index":
+        """The index `save` wrote, for a corpus of `num_passages` passages. Raises
+        FileNotFoundError (no params.index.json) or ValueError naming the directory: bm25s
+        cannot read its files (truncated, garbage), or they index another number of
+        documents than the corpus holds."""
         directory = pathlib.Path(directory)
         if not (directory / "params.index.json").is_file():
             raise FileNotFoundError(f"{directory} holds no BM25 index (build one with launch/build_index.py)")
-        return cls(_bm25s().BM25.load(str(directory), mmap=True, show_progress=False), num_passages)
+        try:
+            model = _bm25s().BM25.load(str(directory), mmap=True, show_progress=False)
+            indexed = int(model.scores["num_docs"])
+        except (ValueError, OSError, EOFError, KeyError, TypeError) as error:
+            raise ValueError(f"{directory}: bm25s cannot read the BM25 index "
+                             f"({type(error).__name__}: {error}); rebuild it with "
+                             f"launch/build_index.py") from None
+        if indexed != num_passages:
+            raise ValueError(f"{directory}: the BM25 index covers {indexed} documents, but the "
+                             f"corpus holds {num_passages} passages (an index of another corpus)")
+        return cls(model, num_passages)

@@ -15,6 +15,9 @@ from typing import Iterator
 from searcher_jax.retrieval.passage import FORMATS, Passage
 
 _ABSTRACT = re.compile(r"Title: (.*?) Text: (.*)", re.DOTALL)
+# Files are read with errors="surrogateescape": a byte that is not UTF-8 becomes one of these
+# lone surrogates, so a bad byte is reported with its line instead of a bare UnicodeDecodeError.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 KILT_WORDS_PER_PASSAGE = 100
 
 
@@ -37,16 +40,29 @@ def passage_from_tsv_body(passage_id: str, body: str) -> Passage:
     return Passage(passage_id, "", body, "raw")
 
 
+def _check_utf8(path, line_no: int, line: str) -> None:
+    bad = _UNDECODABLE.search(line)
+    if bad:
+        raise _error(path, line_no, f"not UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at "
+                                    f"character {bad.start() + 1})")
+
+
 def read_tsv(path: pathlib.Path) -> Iterator[Passage]:
+    """Passages of `id<TAB>passage` lines. Raises CorpusFormatError (file:line) for a line
+    without exactly one tab (e.g. DPR's three-column id/text/title file), an empty id or bytes
+    that are not UTF-8."""
     # utf-8-sig: the authors' abstracts file starts with a byte-order mark. Universal
     # newlines, as the authors' server read the file.
-    with open(path, encoding="utf-8-sig") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, start=1):
             line = line.rstrip("\n")
             if not line:
                 continue
-            if "\t" not in line:
-                raise _error(path, line_no, "expected `id<TAB>passage`, found no tab")
+            _check_utf8(path, line_no, line)
+            fields = line.count("\t") + 1
+            if fields != 2:
+                raise _error(path, line_no, f"expected `id<TAB>passage` (2 tab-separated "
+                                            f"fields), found {fields}")
             passage_id, body = line.split("\t", 1)
             if not passage_id.strip():
                 raise _error(path, line_no, "empty passage id")
@@ -61,10 +77,11 @@ def split_kilt_page(title: str, paragraphs: list[str], first_id: int) -> list[Pa
 
 
 def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            _check_utf8(path, line_no, line)
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -79,11 +96,23 @@ def _require_str(path, line_no: int, row: dict, key: str) -> str:
     if not isinstance(value, str):
         raise _error(path, line_no, f"field {key!r} must be a string, got {type(value).__name__}"
                      f" (keys: {sorted(row)})")
+    return _encodable(path, line_no, key, value)
+
+
+def _encodable(path, line_no: int, key: str, value: str) -> str:
+    """`value`, if it is text UTF-8 can hold: JSON's `\\ud800` escapes give lone surrogates,
+    which the corpus store could not write."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _error(path, line_no, f"field {key!r} holds a lone surrogate "
+                                    f"({value[error.start]!r}), not text") from None
     return value
 
 
 def read_jsonl(path: pathlib.Path) -> Iterator[Passage]:
-    """Any of the jsonl layouts, chosen per line from its keys."""
+    """Any of the jsonl layouts, chosen per line from its keys. Raises CorpusFormatError
+    (file:line) for invalid JSON, bytes that are not UTF-8, or a missing or mistyped field."""
     next_kilt_id = 0
     for line_no, row in _jsonl_rows(path):
         if "wikipedia_title" in row:
@@ -91,24 +120,31 @@ def read_jsonl(path: pathlib.Path) -> Iterator[Passage]:
             paragraphs = row.get("text")
             if not isinstance(paragraphs, list) or not all(isinstance(p, str) for p in paragraphs):
                 raise _error(path, line_no, "KILT page field 'text' must be a list of strings")
+            for paragraph in paragraphs:
+                _encodable(path, line_no, "text", paragraph)
             passages = split_kilt_page(title, paragraphs, next_kilt_id)
             next_kilt_id += len(passages)
             yield from passages
         elif "contents" in row:
             contents = _require_str(path, line_no, row, "contents")
             title, _, _ = contents.partition("\n")
-            yield Passage(str(row.get("id", line_no - 1)), title.strip('"'), contents, "flashrag")
+            passage_id = _encodable(path, line_no, "id", str(row.get("id", line_no - 1)))
+            yield Passage(passage_id, title.strip('"'), contents, "flashrag")
         else:
             text = _require_str(path, line_no, row, "text")
             title = row.get("title", "")
             fmt = row.get("format", "hotpot_abstract")
             if not isinstance(title, str):
                 raise _error(path, line_no, "field 'title' must be a string")
+            _encodable(path, line_no, "title", title)
             if fmt not in FORMATS:
                 raise _error(path, line_no, f"unknown format {fmt!r}; expected one of {FORMATS}")
             if "id" not in row:
                 raise _error(path, line_no, "missing field 'id'")
-            yield Passage(str(row["id"]), title, text, fmt)
+            if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+                raise _error(path, line_no, f"field 'id' must be a string or an integer, got "
+                                            f"{type(row['id']).__name__}")
+            yield Passage(_encodable(path, line_no, "id", str(row["id"])), title, text, fmt)
 
 
 def read_corpus(path: str | pathlib.Path) -> Iterator[Passage]:

@@ -6,6 +6,11 @@ Layout of a store directory:
   format.codes     uint8 [N], an index into FORMATS
   meta.json        {"num_passages", "formats"}
 Rows are numbered 0..N-1 in corpus order; indexes return rows.
+
+Opening a store checks what can be checked without reading the corpus: every file is there,
+each file's size agrees with meta.json's passage count, the offsets end where the text ends
+and the format codes name known formats. A row whose offsets or bytes are bad is reported
+when it is read. Each error names the file (and the row).
 """
 import json
 import mmap
@@ -18,6 +23,11 @@ from tqdm import tqdm
 from searcher_jax.retrieval.passage import FORMATS, Passage
 
 _FIELDS = ("id", "title", "text")
+_OFFSET_BYTES = np.dtype(np.int64).itemsize
+
+
+class CorpusStoreError(ValueError):
+    """A store file that disagrees with meta.json or with itself; the message names the file."""
 
 
 def write_store(passages: Iterable[Passage], directory: str | pathlib.Path, progress: bool = True) -> int:
@@ -52,18 +62,42 @@ class CorpusStore:
     """Read-only view of a store directory."""
 
     def __init__(self, directory: str | pathlib.Path):
+        """Raises FileNotFoundError (a file missing) or CorpusStoreError (a file malformed,
+        truncated or from another corpus), naming the file."""
         self.directory = pathlib.Path(directory)
         meta_file = self.directory / "meta.json"
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: not a corpus store (build one with "
                                     "launch/build_index.py)")
-        meta = json.loads(meta_file.read_text())
-        self._formats = tuple(meta["formats"])
-        self._num = int(meta["num_passages"])
-        self._offsets = {f: np.memmap(self.directory / f"{f}.offsets", dtype=np.int64, mode="r")
-                         for f in _FIELDS}
+        self._num, self._formats = _read_meta(meta_file)
+        for path in [*(self.directory / f"{f}{ext}" for f in _FIELDS for ext in (".bin", ".offsets")),
+                     self.directory / "format.codes"]:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the corpus store in {self.directory} "
+                                        f"is incomplete (rebuild it)")
+        self._offsets = {f: self._checked_offsets(f) for f in _FIELDS}
         self._bins = {f: self._map(self.directory / f"{f}.bin") for f in _FIELDS}
-        self._codes = np.memmap(self.directory / "format.codes", dtype=np.uint8, mode="r") if self._num else []
+        codes_file = self.directory / "format.codes"
+        _check_size(codes_file, self._num, f"uint8 [{self._num}]", meta_file)
+        self._codes = np.memmap(codes_file, dtype=np.uint8, mode="r") if self._num else []
+        if self._num and int(self._codes.max()) >= len(self._formats):
+            row = int(np.argmax(np.asarray(self._codes) >= len(self._formats)))
+            raise CorpusStoreError(f"{codes_file}: row {row} has format code {self._codes[row]}, "
+                                   f"but {meta_file} names {len(self._formats)} formats")
+
+    def _checked_offsets(self, field: str) -> np.ndarray:
+        """{field}.offsets, memory-mapped, once its size and its two ends agree with meta.json
+        and {field}.bin."""
+        path, bin_path = (self.directory / f"{field}{ext}" for ext in (".offsets", ".bin"))
+        _check_size(path, (self._num + 1) * _OFFSET_BYTES,
+                    f"int64 [num_passages + 1] = [{self._num + 1}]", self.directory / "meta.json")
+        offsets = np.memmap(path, dtype=np.int64, mode="r")
+        size = bin_path.stat().st_size
+        if offsets[0] != 0 or offsets[-1] != size:
+            raise CorpusStoreError(f"{path}: the offsets run from {offsets[0]} to {offsets[-1]}, "
+                                   f"but {bin_path} holds {size} bytes (expected 0 to {size}): "
+                                   f"one of them is truncated or from another corpus")
+        return offsets
 
     @staticmethod
     def _map(path: pathlib.Path):
@@ -77,7 +111,17 @@ class CorpusStore:
 
     def _field(self, field: str, row: int) -> str:
         offsets = self._offsets[field]
-        return self._bins[field][int(offsets[row]):int(offsets[row + 1])].decode("utf-8")
+        start, end = int(offsets[row]), int(offsets[row + 1])
+        if not 0 <= start <= end <= len(self._bins[field]):
+            raise CorpusStoreError(f"{self.directory / f'{field}.offsets'}: row {row} spans bytes "
+                                   f"[{start}, {end}) of {self.directory / f'{field}.bin'} "
+                                   f"({len(self._bins[field])} bytes): the offsets are damaged")
+        try:
+            return self._bins[field][start:end].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise CorpusStoreError(f"{self.directory / f'{field}.bin'}: row {row} is not UTF-8 "
+                                   f"({error.reason} at byte {start + error.start}): the file is "
+                                   f"damaged") from None
 
     def get(self, row: int) -> Passage:
         if not 0 <= row < self._num:
@@ -94,3 +138,25 @@ class CorpusStore:
         """render() of rows [start, stop), for encoding and BM25."""
         stop = self._num if stop is None else min(stop, self._num)
         return [self.get(r).render() for r in range(start, stop)]
+
+
+def _read_meta(meta_file: pathlib.Path) -> tuple[int, tuple[str, ...]]:
+    """(num_passages, formats) of a store's meta.json; CorpusStoreError naming it if malformed."""
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CorpusStoreError(f"{meta_file}: not valid JSON ({error})") from None
+    num = meta.get("num_passages") if isinstance(meta, dict) else None
+    formats = meta.get("formats") if isinstance(meta, dict) else None
+    if (not isinstance(num, int) or isinstance(num, bool) or num < 0
+            or not isinstance(formats, list) or not all(f in FORMATS for f in formats)):
+        raise CorpusStoreError(f"{meta_file}: expected {{\"num_passages\": an integer >= 0, "
+                               f"\"formats\": a list of {list(FORMATS)}}}, got {str(meta)[:200]}")
+    return num, tuple(formats)
+
+
+def _check_size(path: pathlib.Path, expected: int, what: str, meta_file: pathlib.Path) -> None:
+    size = path.stat().st_size
+    if size != expected:
+        raise CorpusStoreError(f"{path}: {size} bytes, expected {expected} ({what}, for the "
+                               f"passages {meta_file} counts): truncated or from another corpus")

@@ -210,14 +210,54 @@ class DenseIndex:
         return directory_bytes(directory)
 
     @classmethod
-    def load(cls, directory: str | pathlib.Path) -> "DenseIndex":
+    def load(cls, directory: str | pathlib.Path, num_passages: int | None = None) -> "DenseIndex":
+        """The index `save` wrote; with `num_passages`, checked to index that many (the corpus
+        it serves). Raises FileNotFoundError (no dense_index.json) or ValueError naming the
+        file: dense_index.json malformed, ScaNN's files unreadable (truncated, garbage,
+        another dtype), ScaNN's row count or width not the one dense_index.json records (files
+        of two builds mixed), or another row count than `num_passages`."""
         directory = pathlib.Path(directory)
         meta_file = directory / "dense_index.json"
         if not meta_file.is_file():
             raise FileNotFoundError(f"{meta_file} not found: not a dense index directory")
-        meta = json.loads(meta_file.read_text())
-        searcher = scann_ops_pybind.load_searcher(str(directory))
+        meta = _read_index_meta(meta_file)
+        if num_passages is not None and meta["num_passages"] != num_passages:
+            raise ValueError(f"{meta_file}: the index holds {meta['num_passages']} rows, but the "
+                             f"corpus it serves holds {num_passages} passages (an index of "
+                             f"another corpus)")
+        dataset = directory / "dataset.npy"  # brute force's vectors, [N, D] float32
+        if dataset.is_file():
+            try:
+                vectors = np.load(dataset, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as error:
+                raise ValueError(f"{dataset}: not a readable .npy file ({error}); rebuild the "
+                                 f"index with launch/build_index.py") from None
+            expected = (meta["num_passages"], meta["dim"])
+            if vectors.shape != expected or vectors.dtype != np.float32:
+                raise ValueError(f"{dataset}: float32 {list(expected)} expected (from "
+                                 f"{meta_file}), found {vectors.dtype} {list(vectors.shape)}")
+        try:
+            searcher = scann_ops_pybind.load_searcher(str(directory))
+        except RuntimeError as error:
+            raise ValueError(f"{directory}: ScaNN cannot load the index ({error}); rebuild it "
+                             f"with launch/build_index.py") from None
+        if searcher.size() != meta["num_passages"]:
+            raise ValueError(f"{directory}: the ScaNN index holds {searcher.size()} rows, but "
+                             f"{meta_file} records {meta['num_passages']} passages")
         return cls(searcher, meta["num_passages"], meta["dim"], meta["built_type"], meta["leaves_to_search"])
+
+
+def _read_index_meta(meta_file: pathlib.Path) -> dict:
+    """dense_index.json, checked: ValueError naming it if malformed."""
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{meta_file}: not valid JSON ({error})") from None
+    types = {"num_passages": int, "dim": int, "built_type": str, "leaves_to_search": int}
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), t) for k, t in types.items()):
+        raise ValueError(f"{meta_file}: expected the keys {sorted(types)} (integers, built_type a "
+                         f"string), got {str(meta)[:200]}")
+    return meta
 
 
 def tree_and_reorder_sizes(config: str) -> tuple[int, int]:

@@ -161,5 +161,5 @@ def make_backend(cfg: RetrieverConfig) -> HitRetriever:
     encoder_meta = meta["encoder"]
     encoder = TextEncoder.load(cfg.encoder_dir or encoder_meta["dir"] or None, family=encoder_meta["family"],
                                max_length=encoder_meta["max_length"], batch_size=cfg.encoder_batch_size)
-    return DenseRetriever(store, encoder, DenseIndex.load(index_dir / "dense"),
+    return DenseRetriever(store, encoder, DenseIndex.load(index_dir / "dense", len(store)),
                           leaves_to_search=cfg.leaves_to_search or None)

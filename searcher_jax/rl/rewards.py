@@ -128,6 +128,18 @@ RECIPES = {
 }
 
 
+def reward_bounds(config: RewardConfig) -> tuple[float, float]:
+    """(lowest, highest) reward `score` can give under `config`, whatever the response text
+    (SPEC section 3): `answer` [min(format_penalty, 0), max(format_penalty, 1)] (the answer
+    metrics are in [0, 1]), `retrieval_format` [0, 1], `cem_retrieval_format` [-1, 2]. The
+    overlong penalty (RLConfig.overlong_buffer) is added on top of these."""
+    if config.recipe == "answer":
+        return min(config.format_penalty, 0.0), max(config.format_penalty, 1.0)
+    if config.recipe == "retrieval_format":
+        return 0.0, 1.0
+    return -1.0, 2.0
+
+
 def overlong_penalty(sampled_tokens, truncated, budget, buffer: int,
                      penalty: float = 1.0) -> np.ndarray:
     """DAPO's soft overlong punishment (Yu et al. 2025, arXiv 2503.14476, eq. 13), added to the
