@@ -10,7 +10,7 @@ for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applie
 Why Starlette on uvicorn (h11): the standard library's http.server gives each connection a
 thread that a client can hold with a request it never finishes; uvicorn parses HTTP with h11
 on one event loop (a malformed header is a prompt 400 and a closed connection, a slow client
-holds nothing but its socket), and the search itself runs on one worker thread, so requests
+holds nothing but its socket, and that only until `ServerLimits.request_read_timeout_s`), and the search itself runs on one worker thread, so requests
 that arrive together are answered by one search call (`BatchingSearcher`). Request bodies are
 read up to `ServerLimits.max_body_bytes` (counted as read, whatever Content-Length says) and
 validated by pydantic schemas; every error is a JSON {"error": message} naming the field or
@@ -27,6 +27,7 @@ import socket
 import threading
 from typing import Annotated, Sequence
 
+import h11
 import pydantic
 import uvicorn
 from starlette.applications import Starlette
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from searcher_jax.retrieval.hits import Hit
 
@@ -47,6 +49,7 @@ class ServerLimits:
     max_query_chars: int = 4096
     max_body_bytes: int = 8 << 20
     max_connections: int = 1024  # open connections and requests; beyond it uvicorn answers 503
+    request_read_timeout_s: float = 30.0  # to receive a whole request; then its connection is closed
 
 
 class BadRequest(Exception):
@@ -179,8 +182,9 @@ def _field_error(error: dict) -> str:
 
 def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list[str], int, bool]:
     """A POST body -> (queries, k, return_scores). Raises BadRequest: 400 for a body that is
-    not strict JSON, not an object or not the path's schema (the message names the field),
-    413 for a request over a limit (too many queries, a query too long, k above max_k)."""
+    not strict JSON, not an object or not the path's schema (the message names the field) or
+    a query holding a lone surrogate (a "\\ud800" escape, not text), 413 for a request
+    over a limit (too many queries, a query too long, k above max_k)."""
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN, huge int
@@ -193,6 +197,13 @@ def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list[st
     except pydantic.ValidationError as e:
         raise BadRequest(400, "; ".join(_field_error(err) for err in e.errors()[:3])) from None
     queries, k = request.queries, getattr(request, k_field)
+    for i, query in enumerate(queries):
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no answer can encode
+            query.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRequest(400, f"field 'queries' must be a list of strings: queries[{i}] holds "
+                                  f"{query[e.start]!r} at {e.start}, a lone surrogate, not a "
+                                  f"Unicode character") from None
     if len(queries) > limits.max_queries:
         raise BadRequest(413, f"{len(queries)} queries exceed the limit of {limits.max_queries} per request")
     longest = max((len(q) for q in queries), default=0)
@@ -221,6 +232,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 def _json(status: int, payload: dict) -> Response:
     try:
         body = encode_body(payload)
+    except UnicodeEncodeError as e:  # a lone surrogate in a passage: not UTF-8
+        status, body = 500, encode_body({"error": f"retrieval returned text that is not valid Unicode ({e})"})
     except ValueError as e:  # sent as is, no strict client could parse the answer
         status, body = 500, encode_body({"error": f"retrieval returned a non-finite score ({e})"})
     return Response(body, status_code=status, media_type="application/json")
@@ -260,12 +273,43 @@ def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int
             message = f"method {request.method} not allowed on {request.url.path}; {API_HINT}"
         else:
             message = str(exc.detail)
-        return _json(exc.status_code, {"error": message})
+        response = _json(exc.status_code, {"error": message})
+        response.headers.update(exc.headers or {})  # a 405's Allow, which RFC 9110 requires
+        return response
 
     return Starlette(routes=[Route("/health", health, methods=["GET"]),
                              Route("/queries", search, methods=["POST"]),
                              Route("/retrieve", search, methods=["POST"])],
                      exception_handlers={HTTPException: http_error})
+
+
+class _ReadDeadlineH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on receiving each request.
+
+    uvicorn times out only an idle keep-alive connection: one that has sent half a request
+    and waits (slowloris) is held for ever, and `max_connections` of them would have every
+    later client answered 503. Here a request not wholly received within
+    `request_read_timeout_s` of its connection opening, or of the previous answer, has its
+    connection closed; a request received in time is answered however long its search takes."""
+    request_read_timeout_s = ServerLimits.request_read_timeout_s
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._read_deadline = self.loop.call_later(self.request_read_timeout_s, self._read_deadline_passed)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._read_deadline.cancel()
+        self._read_deadline = self.loop.call_later(self.request_read_timeout_s, self._read_deadline_passed)
+
+    def connection_lost(self, exc) -> None:
+        self._read_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _read_deadline_passed(self) -> None:
+        # DONE: the whole request is in (its answer may still be on its way).
+        if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            self.transport.close()
 
 
 class RetrievalServer:
@@ -277,11 +321,13 @@ class RetrievalServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=2048)
         self.searcher = BatchingSearcher(retriever, limits.max_queries)
-        # http="h11" and loop="asyncio" whatever else is installed (uvloop, httptools): h11's
-        # strict parsing is what refuses malformed requests. log_config=None leaves the
-        # process's logging alone.
+        # h11 (with a read deadline) and loop="asyncio" whatever else is installed (uvloop,
+        # httptools): h11's strict parsing is what refuses malformed requests. log_config=None
+        # leaves the process's logging alone.
+        protocol = type("RetrievalH11Protocol", (_ReadDeadlineH11Protocol,),
+                        {"request_read_timeout_s": limits.request_read_timeout_s})
         self._server = uvicorn.Server(uvicorn.Config(
-            make_app(self.searcher, limits, num_passages), loop="asyncio", http="h11",
+            make_app(self.searcher, limits, num_passages), loop="asyncio", http=protocol,
             lifespan="off", log_config=None, log_level="warning", access_log=False,
             limit_concurrency=limits.max_connections, timeout_keep_alive=30,
             timeout_graceful_shutdown=5))

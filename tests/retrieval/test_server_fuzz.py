@@ -1,6 +1,7 @@
 """The server's request handling at the byte level: malformed and unfinished requests hold no
 worker, bodies over the limit are refused however they are sent, and (hypothesis) any method,
 path, headers and body get a 2xx or a 4xx with a JSON message, never a 5xx or a hang."""
+import http.client
 import json
 import socket
 import time
@@ -191,3 +192,55 @@ def test_any_request_gets_a_2xx_or_a_4xx_with_a_message(server, method, path, bo
                    zip(answer["queries"], answer["answers"]) for line in lines)
     elif path == "/retrieve":
         assert isinstance(answer["result"], list)
+
+
+@pytest.mark.parametrize("path", ["/queries", "/retrieve"])
+def test_a_lone_surrogate_in_a_query_is_a_400_naming_it(server, path):
+    # json.dumps writes "\ud800" as an escape, which json.loads decodes to a str no answer can
+    # encode as UTF-8: refused with the query's place, not searched and answered 500.
+    status, _, body = _exchange(server, _request("POST", path, b'{"queries": ["ok", "a\\ud800b"]}'))
+    assert status == 400 and "queries[1] holds '\\ud800' at 1, a lone surrogate" in json.loads(body)["error"]
+    assert _good(server)[0] == 200
+
+
+def test_a_405_names_the_allowed_methods(server):
+    status, headers, _ = _exchange(server, _request("GET", "/queries"))
+    assert status == 405 and headers["allow"] == "POST"
+
+
+class _SlowRetriever(_EchoRetriever):
+    def search_hits(self, queries, k):
+        time.sleep(0.6)  # longer than the read deadline below: only reading is bounded
+        return super().search_hits(queries, k)
+
+
+def test_unfinished_requests_are_dropped_at_the_read_deadline():
+    """Half-sent requests filling every connection the server allows are closed after
+    request_read_timeout_s, so the server serves again (uvicorn alone holds them for ever and
+    answers everyone else 503)."""
+    limits = ServerLimits(max_connections=4, request_read_timeout_s=0.3)
+    with RetrievalServer(_SlowRetriever(), port=0, limits=limits) as slow:
+        # Three held and the fourth, any client's, is one too many (uvicorn counts connections).
+        held = [socket.create_connection(_address(slow), timeout=TIMEOUT_S) for _ in range(3)]
+        try:
+            for i, sock in enumerate(held):
+                sock.sendall(b"POST /queries HTTP/1.1\r\nHost: x\r\nContent-Le" if i % 2 else
+                             b'POST /queries HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"queries": [')
+            for sock in held:  # the server closes each: an empty read, not a timeout
+                try:
+                    assert sock.recv(1024) == b""
+                except socket.timeout:
+                    pytest.fail(f"a half-sent request was still held after {TIMEOUT_S} s")
+        finally:
+            for sock in held:
+                sock.close()
+        # A request sent whole is answered, though its search outlasts the deadline; and twice
+        # on one kept-alive connection, the deadline starting again after each answer.
+        conn = http.client.HTTPConnection(*_address(slow), timeout=TIMEOUT_S)
+        try:
+            for _ in range(2):
+                conn.request("POST", "/queries", body=json.dumps({"queries": ["x"], "k": 1}))
+                response = conn.getresponse()
+                assert response.status == 200 and json.loads(response.read())["queries"] == ["x"]
+        finally:
+            conn.close()
