@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -278,8 +279,8 @@ def test_a_k_the_index_cannot_serve_fails_only_its_own_request():
     assert [results[name][0] for name in ("q1", "q2")] == [200, 200]
 
 
-def test_serve_retriever_cli(tmp_path, reference_dir):
-    from launch import build_index
+def test_serve_retriever_cli(tmp_path, reference_dir, capsys):
+    from launch import build_index, serve_retriever
     corpus = reference_dir / "r1searcher" / "corpus_samples" / "train_np_title_abs_sample_100.tsv"
     assert build_index.main(["--corpus", str(corpus), "--out", str(tmp_path / "idx"), "--backends", "bm25",
                              "--no_progress"]) == 0
@@ -293,9 +294,21 @@ def test_serve_retriever_cli(tmp_path, reference_dir):
         status, data = _post(url, "/queries", {"queries": ["Lucy Mair anthropologist"], "k": 1})
         assert status == 200
         assert data["answers"][0][0].startswith("1\tTitle: Lucy Mair Text:  Lucy Philip Mair")
+        # The port taken: a message, not a traceback.
+        port = url.rpartition(":")[2]
+        with pytest.raises(SystemExit) as exited:
+            serve_retriever.main(["--index_dir", str(tmp_path / "idx"), "--backend", "bm25", "--port", port])
+        assert exited.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.terminate()  # SIGTERM: a graceful stop, status 0, the port free again
+        assert process.wait(timeout=30) == 0
+    socket.create_server(("127.0.0.1", int(port))).close()
+    # An index without the backend asked for, or no index at all: a message, not a traceback.
+    for index_dir, says in ((tmp_path / "idx", "built with backends ['bm25'], not 'dense'"),
+                            (tmp_path / "none", "index.json not found")):
+        with pytest.raises(SystemExit) as exited:
+            serve_retriever.main(["--index_dir", str(index_dir), "--backend", "dense"])
+        assert exited.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_client_retries_transient_failures_but_not_bad_requests():
