@@ -10,7 +10,8 @@ for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applie
 Why Starlette on uvicorn (h11): the standard library's http.server gives each connection a
 thread that a client can hold with a request it never finishes; uvicorn parses HTTP with h11
 on one event loop (a malformed header is a prompt 400 and a closed connection, a slow client
-holds nothing but its socket, and that only until `ServerLimits.request_read_timeout_s`), and the search itself runs on one worker thread, so requests
+holds nothing but its socket, and that only until `ServerLimits.request_read_timeout_s`), and
+the search itself runs on one worker thread (each answer is encoded on another), so requests
 that arrive together are answered by one search call (`BatchingSearcher`). Request bodies are
 read up to `ServerLimits.max_body_bytes` (counted as read, whatever Content-Length says) and
 validated by pydantic schemas; every error is a JSON {"error": message} naming the field or
@@ -31,6 +32,7 @@ import h11
 import pydantic
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -157,7 +159,7 @@ def _document(hit: Hit) -> dict:
     return {"id": hit.passage.id, "contents": hit.passage.contents()}
 
 
-def encode_body(payload: dict) -> bytes:
+def encode_body(payload: object) -> bytes:
     """payload -> a UTF-8 JSON body. Raises ValueError on a NaN or infinite float: json.dumps
     would otherwise write a bare NaN or Infinity, which strict JSON parsers reject."""
     return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -229,14 +231,36 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def encode_answer(path: str, queries: list[str], hits: Sequence[Sequence[Hit]], return_scores: bool) -> bytes:
+    """The 200 answer to `queries` ([len(queries)] lists of hits) as a UTF-8 JSON body, encoded
+    one query's hits at a time: run on a worker thread, it lets the event loop take the GIL
+    between queries, so a large answer (1024 queries of 100 passages is some 50 MB, half a
+    second to encode in one call) stalls no other connection. Raises ValueError as encode_body."""
+    if path == "/queries":
+        head = b'{"queries": ' + encode_body(queries) + b', "answers": ['
+        rows = (encode_body([_answer_line(h) for h in hs]) for hs in hits)
+    elif return_scores:
+        head = b'{"result": ['
+        rows = (encode_body([{"document": _document(h), "score": h.score} for h in hs]) for hs in hits)
+    else:
+        head = b'{"result": ['
+        rows = (encode_body([_document(h) for h in hs]) for hs in hits)
+    return head + b", ".join(rows) + b"]}"
+
+
+def _unencodable(e: ValueError) -> Response:
+    """The 500 for an answer encode_body refused: sent as is, no strict client could parse it."""
+    what = ("text that is not valid Unicode" if isinstance(e, UnicodeEncodeError)  # a lone surrogate
+            else "a non-finite score")
+    return Response(encode_body({"error": f"retrieval returned {what} ({e})"}), status_code=500,
+                    media_type="application/json")
+
+
 def _json(status: int, payload: dict) -> Response:
     try:
-        body = encode_body(payload)
-    except UnicodeEncodeError as e:  # a lone surrogate in a passage: not UTF-8
-        status, body = 500, encode_body({"error": f"retrieval returned text that is not valid Unicode ({e})"})
-    except ValueError as e:  # sent as is, no strict client could parse the answer
-        status, body = 500, encode_body({"error": f"retrieval returned a non-finite score ({e})"})
-    return Response(body, status_code=status, media_type="application/json")
+        return Response(encode_body(payload), status_code=status, media_type="application/json")
+    except ValueError as e:
+        return _unencodable(e)
 
 
 def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int) -> Starlette:
@@ -259,12 +283,11 @@ def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int
                 await asyncio.wrap_future(searcher.submit(queries, k)) if queries else [])
         except Exception as e:  # the server keeps serving; the client learns what failed
             return _json(500, {"error": f"retrieval failed: {type(e).__name__}: {e}"})
-        if path == "/queries":
-            return _json(200, {"queries": queries, "answers": [[_answer_line(h) for h in hs] for hs in hits]})
-        if return_scores:
-            return _json(200, {"result": [[{"document": _document(h), "score": h.score} for h in hs]
-                                          for hs in hits]})
-        return _json(200, {"result": [[_document(h) for h in hs] for hs in hits]})
+        try:
+            body = await run_in_threadpool(encode_answer, path, queries, hits, return_scores)
+        except ValueError as e:
+            return _unencodable(e)
+        return Response(body, status_code=200, media_type="application/json")
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:

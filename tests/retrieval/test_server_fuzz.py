@@ -4,6 +4,7 @@ path, headers and body get a 2xx or a 4xx with a JSON message, never a 5xx or a 
 import http.client
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -244,3 +245,40 @@ def test_unfinished_requests_are_dropped_at_the_read_deadline():
                 assert response.status == 200 and json.loads(response.read())["queries"] == ["x"]
         finally:
             conn.close()
+
+
+class _GatedPassage(Passage):
+    """A passage whose rendering waits for a gate: an answer being written, held open."""
+    entered = gate = None  # threading.Events, set per test
+
+    def render(self) -> str:
+        self.entered.set()
+        assert self.gate.wait(timeout=TIMEOUT_S), "the gate was never opened"
+        return super().render()
+
+
+class _GatedRetriever:
+    def search_hits(self, queries, k):
+        return [[Hit(0, _GatedPassage("0", q, " t", "hotpot_abstract"), 1.0)] for q in queries]
+
+
+def test_an_answer_being_written_does_not_stall_other_connections(monkeypatch):
+    """The answer is encoded off the event loop (a 50 MB one takes seconds): while one is being
+    written, /health is answered."""
+    entered, gate = threading.Event(), threading.Event()
+    monkeypatch.setattr(_GatedPassage, "entered", entered)
+    monkeypatch.setattr(_GatedPassage, "gate", gate)
+    with RetrievalServer(_GatedRetriever(), port=0) as gated:
+        answer = {}
+        writer = threading.Thread(target=lambda: answer.update(
+            status=_exchange(gated, _request("POST", "/queries", b'{"queries": ["q"], "k": 1}'))[0]))
+        writer.start()
+        try:
+            assert entered.wait(timeout=TIMEOUT_S), "the answer was never written"
+            with socket.create_connection(_address(gated), timeout=2.0) as sock:
+                sock.sendall(_request("GET", "/health"))
+                assert sock.recv(1024).startswith(b"HTTP/1.1 200 "), "/health waited for the answer"
+        finally:
+            gate.set()
+            writer.join(timeout=TIMEOUT_S)
+        assert answer == {"status": 200}
