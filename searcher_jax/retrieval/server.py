@@ -136,7 +136,11 @@ class BatchingSearcher:
         # the index cannot serve fails alone, never the other clients' requests beside it.
         by_k = collections.defaultdict(list)
         for p in batch:
-            by_k[p.k].append(p)
+            # A future cancelled while queued (its handler cancelled, as at shutdown) is
+            # skipped: set_result on it would raise and end this thread, leaving every later
+            # request waiting for ever. Once running, it can no longer be cancelled.
+            if p.future.set_running_or_notify_cancel():
+                by_k[p.k].append(p)
         for k, group in by_k.items():
             try:
                 hits = self._retriever.search_hits([q for p in group for q in p.queries], k)

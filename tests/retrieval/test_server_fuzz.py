@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from searcher_jax.retrieval.hits import Hit
 from searcher_jax.retrieval.passage import Passage
-from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
+from searcher_jax.retrieval.server import BatchingSearcher, RetrievalServer, ServerLimits
 
 LIMITS = ServerLimits(max_queries=8, max_k=5, max_query_chars=64, max_body_bytes=16384)
 TIMEOUT_S = 10.0  # a reply slower than this on loopback is a hung connection
@@ -282,3 +282,26 @@ def test_an_answer_being_written_does_not_stall_other_connections(monkeypatch):
             gate.set()
             writer.join(timeout=TIMEOUT_S)
         assert answer == {"status": 200}
+
+
+def test_a_request_cancelled_while_queued_does_not_end_the_batcher():
+    searching, release = threading.Event(), threading.Event()
+
+    class Blocking(_EchoRetriever):
+        def search_hits(self, queries, k):
+            searching.set()
+            release.wait(timeout=TIMEOUT_S)
+            return super().search_hits(queries, k)
+
+    searcher = BatchingSearcher(Blocking(), max_queries=8)
+    try:
+        first = searcher.submit(["a"], 1)
+        assert searching.wait(timeout=TIMEOUT_S)  # the worker took `first` alone and waits in its search
+        queued = searcher.submit(["b"], 1)
+        assert queued.cancel()  # as asyncio.wrap_future does when the handler is cancelled
+        release.set()
+        assert first.result(timeout=TIMEOUT_S)[0][0].passage.title == "a"
+        assert searcher.submit(["c"], 1).result(timeout=TIMEOUT_S)[0][0].passage.title == "c"
+    finally:
+        release.set()
+        searcher.close()
