@@ -343,6 +343,30 @@ def test_client_retries_transient_failures_but_not_bad_requests():
         unreachable.search(["q"], 1)
 
 
+def test_client_says_a_connection_broken_mid_answer_was_not_retried():
+    """urllib3 retries up to the answer's headers; a body cut short fails the one try, and the
+    message says so rather than claiming the retries were spent."""
+    seen = []
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            seen.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"queries": ')  # and the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    with _serving(Cut) as url:
+        with pytest.raises(RetrievalServerError, match="broke or timed out .* while the answer was read, "
+                                                       "which is not retried: .*IncompleteRead"):
+            HttpRetriever(url, retries=2, backoff_s=0.01).search(["q"], 1)
+    assert len(seen) == 1
+
+
 def test_client_rejects_answers_not_of_its_api_and_a_bad_on_failure():
     bodies = [b'{"queries": ["a", "b"], "answers": [["1\\tTitle: A Text: a"]]}', b'{"result": 3}', b"[1]"]
 
