@@ -53,7 +53,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--pool", type=int, default=256, help="distinct base queries")
     parser.add_argument("--bad_every", type=int, default=20, help="every n-th request is a bad one (0: none)")
-    parser.add_argument("--max_body_bytes", type=int, default=65536, help="the started server's body limit")
+    parser.add_argument("--max_body_bytes", type=int, default=65536,
+                        help="the started server's body limit; with --url, that server's (else its "
+                        "'oversized' requests are not over it, and are answered 200)")
     parser.add_argument("--timeout_s", type=float, default=30.0, help="per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="write the report JSON here too")
