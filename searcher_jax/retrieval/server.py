@@ -92,7 +92,8 @@ class _Pending:
 
 
 class BatchingSearcher:
-    """Runs one search for all requests waiting when the worker becomes free.
+    """Runs one search for the requests waiting when the worker becomes free, at most
+    `max_queries` queries in all (a request holds at most that many, parse_request checks).
 
     `submit` returns a future, so an async handler awaits it without holding a thread."""
 
@@ -114,8 +115,9 @@ class BatchingSearcher:
         self._worker.join(timeout=10)
 
     def _loop(self) -> None:
+        held = None  # the request that would have taken a batch over max_queries: the next's first
         while True:
-            first = self._queue.get()
+            first, held = (held, None) if held is not None else (self._queue.get(), None)
             if first is None:
                 return
             batch, total = [first], len(first.queries)
@@ -126,6 +128,9 @@ class BatchingSearcher:
                     break
                 if item is None:
                     self._queue.put(None)  # stop after this batch
+                    break
+                if total + len(item.queries) > self._max_queries:
+                    held = item
                     break
                 batch.append(item)
                 total += len(item.queries)

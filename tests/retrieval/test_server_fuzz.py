@@ -305,3 +305,29 @@ def test_a_request_cancelled_while_queued_does_not_end_the_batcher():
     finally:
         release.set()
         searcher.close()
+
+
+def test_a_batch_never_holds_more_than_max_queries():
+    searching, release, batches = threading.Event(), threading.Event(), []
+
+    class Recording(_EchoRetriever):
+        def search_hits(self, queries, k):
+            batches.append(len(queries))
+            searching.set()
+            release.wait(timeout=TIMEOUT_S)
+            return super().search_hits(queries, k)
+
+    searcher = BatchingSearcher(Recording(), max_queries=8)
+    try:
+        first = searcher.submit(["a"], 1)
+        assert searching.wait(timeout=TIMEOUT_S)
+        sizes = [5, 5, 3, 8]
+        queued = [searcher.submit([f"q{i}.{j}" for j in range(n)], 1) for i, n in enumerate(sizes)]
+        release.set()
+        assert first.result(timeout=TIMEOUT_S)[0][0].passage.title == "a"
+        for i, (future, n) in enumerate(zip(queued, sizes)):
+            assert [hits[0].passage.title for hits in future.result(timeout=TIMEOUT_S)] == [f"q{i}.{j}" for j in range(n)]
+        assert batches == [1, 5, 8, 8]  # 5 + 5 would be 10: the second 5 waits and takes the 3 beside it
+    finally:
+        release.set()
+        searcher.close()
