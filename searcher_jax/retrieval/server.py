@@ -322,7 +322,8 @@ class _ReadDeadlineH11Protocol(H11Protocol):
     and waits (slowloris) is held for ever, and `max_connections` of them would have every
     later client answered 503. Here a request not wholly received within
     `request_read_timeout_s` of its connection opening, or of the previous answer, has its
-    connection closed; a request received in time is answered however long its search takes."""
+    connection closed; a request received in time is answered however long its search takes.
+    At shutdown, a request not wholly received is dropped at once."""
     request_read_timeout_s = ServerLimits.request_read_timeout_s
 
     def connection_made(self, transport) -> None:
@@ -337,6 +338,14 @@ class _ReadDeadlineH11Protocol(H11Protocol):
     def connection_lost(self, exc) -> None:
         self._read_deadline.cancel()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        # A request still arriving has nothing to answer yet: dropped now, not waited for until
+        # uvicorn's graceful-shutdown timeout cancels its handler (with a traceback).
+        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is not h11.DONE:
+            self.transport.close()
+        else:
+            super().shutdown()
 
     def _read_deadline_passed(self) -> None:
         # DONE: the whole request is in (its answer may still be on its way).

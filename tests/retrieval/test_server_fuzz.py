@@ -331,3 +331,15 @@ def test_a_batch_never_holds_more_than_max_queries():
     finally:
         release.set()
         searcher.close()
+
+
+def test_stop_drops_a_request_still_arriving_at_once():
+    stopping = RetrievalServer(_EchoRetriever(), port=0).start()
+    with socket.create_connection(_address(stopping), timeout=TIMEOUT_S) as sock:
+        sock.sendall(b'POST /queries HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"queries": [')
+        time.sleep(0.1)  # the handler is waiting for the rest of the body
+        start = time.monotonic()
+        stopping.stop()
+        # Not held to uvicorn's 5 s graceful-shutdown timeout, then cancelled.
+        assert time.monotonic() - start < 2.0
+        assert sock.recv(1024) == b""  # closed, unanswered
