@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import threading
+import urllib.parse
 from typing import Sequence
 
 import requests
@@ -50,12 +51,17 @@ class HttpRetriever(HitRetriever):
     scores, each document's "contents" kept verbatim (format flashrag).
 
     timeout_s bounds each try's connect and each read; retries (>= 0) the tries after the first;
-    backoff_s the first retry's sleep (doubling after). Raises ValueError on a bad argument."""
+    backoff_s the first retry's sleep (doubling after). Raises ValueError on a bad argument (a
+    url without http:// or https:// and a host among them)."""
 
     def __init__(self, url: str, api: str = "r1searcher", timeout_s: float = 60.0,
                  retries: int = 4, backoff_s: float = 1.0, on_failure: str = "stop"):
-        if not url:
-            raise ValueError("the http backend needs a url, e.g. http://127.0.0.1:8000")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            # requests refuses such a URL on every try: with "none_document" a run would search
+            # nothing, every query counted as failed, instead of stopping at once.
+            raise ValueError(f"the http backend needs an http:// or https:// url with a host, "
+                             f"e.g. http://127.0.0.1:8000; got {url!r}")
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         if on_failure not in ON_FAILURE:

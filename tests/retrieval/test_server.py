@@ -393,3 +393,8 @@ def test_client_rejects_answers_not_of_its_api_and_a_bad_on_failure():
         assert none_document.take_metrics() == {"retrieval/failed_queries": 0.0}  # counted once
     with pytest.raises(ValueError, match="on_failure must be one of"):
         RetrieverConfig(backend="http", url="http://127.0.0.1:1", on_failure="skip")
+    # A url requests refuses on every try is refused at once: with none_document it searched
+    # nothing all run, every query counted failed.
+    for url in ("", "127.0.0.1:8000", "localhost:8000", "htp://x", "http://"):
+        with pytest.raises(ValueError, match=f"needs an http:// or https:// url with a host.*got {url!r}"):
+            HttpRetriever(url, on_failure="none_document")
