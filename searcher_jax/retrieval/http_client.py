@@ -2,10 +2,11 @@
 
 HTTP is a pooled `requests` Session with urllib3's bounded `Retry` (llm_client.retrying_session,
 shared with the judge and the web backend): a refused or dropped connection, a read timeout or
-a 5xx is retried `retries` times with exponential backoff, so a retrieval host restarting does
-not end a training run; a 4xx, or an answer that is not strict JSON of the API's shape, is not
+a 5xx before the answer's headers is retried `retries` times with exponential backoff, so a
+retrieval host restarting does not end a training run; a 4xx, a connection that breaks while
+the answer's body is read, or an answer that is not strict JSON of the API's shape, is not
 retried. One search then takes at most about `deadline_s` (every try's timeout and backoff),
-never a hang.
+unless a server trickles its answer: `timeout_s` bounds each read, not the whole body.
 
 When the tries are spent, `on_failure` decides (SPEC section 5: "an empty list becomes the text
 `None`"):
@@ -18,6 +19,7 @@ import json
 import logging
 import re
 import threading
+import urllib.parse
 from typing import Sequence
 
 import requests
@@ -49,12 +51,17 @@ class HttpRetriever(HitRetriever):
     scores, each document's "contents" kept verbatim (format flashrag).
 
     timeout_s bounds each try's connect and each read; retries (>= 0) the tries after the first;
-    backoff_s the first retry's sleep (doubling after). Raises ValueError on a bad argument."""
+    backoff_s the first retry's sleep (doubling after). Raises ValueError on a bad argument (a
+    url without http:// or https:// and a host among them)."""
 
     def __init__(self, url: str, api: str = "r1searcher", timeout_s: float = 60.0,
                  retries: int = 4, backoff_s: float = 1.0, on_failure: str = "stop"):
-        if not url:
-            raise ValueError("the http backend needs a url, e.g. http://127.0.0.1:8000")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            # requests refuses such a URL on every try: with "none_document" a run would search
+            # nothing, every query counted as failed, instead of stopping at once.
+            raise ValueError(f"the http backend needs an http:// or https:// url with a host, "
+                             f"e.g. http://127.0.0.1:8000; got {url!r}")
         if api not in APIS:
             raise ValueError(f"api must be one of {APIS}, got {api!r}")
         if on_failure not in ON_FAILURE:
@@ -83,11 +90,18 @@ class HttpRetriever(HitRetriever):
         RetrievalServerError naming the URL and what went wrong."""
         where = self.url + path
         try:
-            response = self._session.post(where, json=body, timeout=self.timeout_s)
-            answer = response.content  # read here: a connection dropped mid-body is an error too
+            response = self._session.post(where, json=body, timeout=self.timeout_s, stream=True)
         except requests.RequestException as e:
             raise RetrievalServerError(f"{where} unreachable or too slow (timeout {self.timeout_s} s) "
                                        f"after {self.retries} retries: {e}") from None
+        try:
+            # urllib3's Retry ends with the answer's headers: a connection that breaks, or a
+            # read that times out, in the body is not retried.
+            answer = response.content
+        except requests.RequestException as e:
+            raise RetrievalServerError(f"{where}: the connection broke or timed out (timeout "
+                                       f"{self.timeout_s} s) while the answer was read, which is "
+                                       f"not retried: {e}") from None
         if response.status_code >= 400:
             retried = f" (after {self.retries} retries)" if response.status_code >= 500 else ""
             raise RetrievalServerError(f"{where} answered {response.status_code}{retried}: "

@@ -10,7 +10,8 @@ for a non-numeric id, so the R1-Searcher client's `^\\d+\\s+` strip still applie
 Why Starlette on uvicorn (h11): the standard library's http.server gives each connection a
 thread that a client can hold with a request it never finishes; uvicorn parses HTTP with h11
 on one event loop (a malformed header is a prompt 400 and a closed connection, a slow client
-holds nothing but its socket), and the search itself runs on one worker thread, so requests
+holds nothing but its socket, and that only until `ServerLimits.request_read_timeout_s`), and
+the search itself runs on one worker thread (each answer is encoded on another), so requests
 that arrive together are answered by one search call (`BatchingSearcher`). Request bodies are
 read up to `ServerLimits.max_body_bytes` (counted as read, whatever Content-Length says) and
 validated by pydantic schemas; every error is a JSON {"error": message} naming the field or
@@ -27,13 +28,16 @@ import socket
 import threading
 from typing import Annotated, Sequence
 
+import h11
 import pydantic
 import uvicorn
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from searcher_jax.retrieval.hits import Hit
 
@@ -47,6 +51,7 @@ class ServerLimits:
     max_query_chars: int = 4096
     max_body_bytes: int = 8 << 20
     max_connections: int = 1024  # open connections and requests; beyond it uvicorn answers 503
+    request_read_timeout_s: float = 30.0  # to receive a whole request; then its connection is closed
 
 
 class BadRequest(Exception):
@@ -87,7 +92,8 @@ class _Pending:
 
 
 class BatchingSearcher:
-    """Runs one search for all requests waiting when the worker becomes free.
+    """Runs one search for the requests waiting when the worker becomes free, at most
+    `max_queries` queries in all (a request holds at most that many, parse_request checks).
 
     `submit` returns a future, so an async handler awaits it without holding a thread."""
 
@@ -109,8 +115,9 @@ class BatchingSearcher:
         self._worker.join(timeout=10)
 
     def _loop(self) -> None:
+        held = None  # the request that would have taken a batch over max_queries: the next's first
         while True:
-            first = self._queue.get()
+            first, held = (held, None) if held is not None else (self._queue.get(), None)
             if first is None:
                 return
             batch, total = [first], len(first.queries)
@@ -122,6 +129,9 @@ class BatchingSearcher:
                 if item is None:
                     self._queue.put(None)  # stop after this batch
                     break
+                if total + len(item.queries) > self._max_queries:
+                    held = item
+                    break
                 batch.append(item)
                 total += len(item.queries)
             self._run(batch)
@@ -131,7 +141,11 @@ class BatchingSearcher:
         # the index cannot serve fails alone, never the other clients' requests beside it.
         by_k = collections.defaultdict(list)
         for p in batch:
-            by_k[p.k].append(p)
+            # A future cancelled while queued (its handler cancelled, as at shutdown) is
+            # skipped: set_result on it would raise and end this thread, leaving every later
+            # request waiting for ever. Once running, it can no longer be cancelled.
+            if p.future.set_running_or_notify_cancel():
+                by_k[p.k].append(p)
         for k, group in by_k.items():
             try:
                 hits = self._retriever.search_hits([q for p in group for q in p.queries], k)
@@ -154,7 +168,7 @@ def _document(hit: Hit) -> dict:
     return {"id": hit.passage.id, "contents": hit.passage.contents()}
 
 
-def encode_body(payload: dict) -> bytes:
+def encode_body(payload: object) -> bytes:
     """payload -> a UTF-8 JSON body. Raises ValueError on a NaN or infinite float: json.dumps
     would otherwise write a bare NaN or Infinity, which strict JSON parsers reject."""
     return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode("utf-8")
@@ -179,8 +193,9 @@ def _field_error(error: dict) -> str:
 
 def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list[str], int, bool]:
     """A POST body -> (queries, k, return_scores). Raises BadRequest: 400 for a body that is
-    not strict JSON, not an object or not the path's schema (the message names the field),
-    413 for a request over a limit (too many queries, a query too long, k above max_k)."""
+    not strict JSON, not an object or not the path's schema (the message names the field) or
+    a query holding a lone surrogate (a "\\ud800" escape, not text), 413 for a request
+    over a limit (too many queries, a query too long, k above max_k)."""
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN, huge int
@@ -193,6 +208,13 @@ def parse_request(path: str, body: bytes, limits: ServerLimits) -> tuple[list[st
     except pydantic.ValidationError as e:
         raise BadRequest(400, "; ".join(_field_error(err) for err in e.errors()[:3])) from None
     queries, k = request.queries, getattr(request, k_field)
+    for i, query in enumerate(queries):
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which no answer can encode
+            query.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRequest(400, f"field 'queries' must be a list of strings: queries[{i}] holds "
+                                  f"{query[e.start]!r} at {e.start}, a lone surrogate, not a "
+                                  f"Unicode character") from None
     if len(queries) > limits.max_queries:
         raise BadRequest(413, f"{len(queries)} queries exceed the limit of {limits.max_queries} per request")
     longest = max((len(q) for q in queries), default=0)
@@ -218,12 +240,36 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def encode_answer(path: str, queries: list[str], hits: Sequence[Sequence[Hit]], return_scores: bool) -> bytes:
+    """The 200 answer to `queries` ([len(queries)] lists of hits) as a UTF-8 JSON body, encoded
+    one query's hits at a time: run on a worker thread, it lets the event loop take the GIL
+    between queries, so a large answer (1024 queries of 100 passages is some 50 MB, half a
+    second to encode in one call) stalls no other connection. Raises ValueError as encode_body."""
+    if path == "/queries":
+        head = b'{"queries": ' + encode_body(queries) + b', "answers": ['
+        rows = (encode_body([_answer_line(h) for h in hs]) for hs in hits)
+    elif return_scores:
+        head = b'{"result": ['
+        rows = (encode_body([{"document": _document(h), "score": h.score} for h in hs]) for hs in hits)
+    else:
+        head = b'{"result": ['
+        rows = (encode_body([_document(h) for h in hs]) for hs in hits)
+    return head + b", ".join(rows) + b"]}"
+
+
+def _unencodable(e: ValueError) -> Response:
+    """The 500 for an answer encode_body refused: sent as is, no strict client could parse it."""
+    what = ("text that is not valid Unicode" if isinstance(e, UnicodeEncodeError)  # a lone surrogate
+            else "a non-finite score")
+    return Response(encode_body({"error": f"retrieval returned {what} ({e})"}), status_code=500,
+                    media_type="application/json")
+
+
 def _json(status: int, payload: dict) -> Response:
     try:
-        body = encode_body(payload)
-    except ValueError as e:  # sent as is, no strict client could parse the answer
-        status, body = 500, encode_body({"error": f"retrieval returned a non-finite score ({e})"})
-    return Response(body, status_code=status, media_type="application/json")
+        return Response(encode_body(payload), status_code=status, media_type="application/json")
+    except ValueError as e:
+        return _unencodable(e)
 
 
 def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int) -> Starlette:
@@ -246,12 +292,11 @@ def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int
                 await asyncio.wrap_future(searcher.submit(queries, k)) if queries else [])
         except Exception as e:  # the server keeps serving; the client learns what failed
             return _json(500, {"error": f"retrieval failed: {type(e).__name__}: {e}"})
-        if path == "/queries":
-            return _json(200, {"queries": queries, "answers": [[_answer_line(h) for h in hs] for hs in hits]})
-        if return_scores:
-            return _json(200, {"result": [[{"document": _document(h), "score": h.score} for h in hs]
-                                          for hs in hits]})
-        return _json(200, {"result": [[_document(h) for h in hs] for hs in hits]})
+        try:
+            body = await run_in_threadpool(encode_answer, path, queries, hits, return_scores)
+        except ValueError as e:
+            return _unencodable(e)
+        return Response(body, status_code=200, media_type="application/json")
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
@@ -260,12 +305,52 @@ def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int
             message = f"method {request.method} not allowed on {request.url.path}; {API_HINT}"
         else:
             message = str(exc.detail)
-        return _json(exc.status_code, {"error": message})
+        response = _json(exc.status_code, {"error": message})
+        response.headers.update(exc.headers or {})  # a 405's Allow, which RFC 9110 requires
+        return response
 
     return Starlette(routes=[Route("/health", health, methods=["GET"]),
                              Route("/queries", search, methods=["POST"]),
                              Route("/retrieve", search, methods=["POST"])],
                      exception_handlers={HTTPException: http_error})
+
+
+class _ReadDeadlineH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on receiving each request.
+
+    uvicorn times out only an idle keep-alive connection: one that has sent half a request
+    and waits (slowloris) is held for ever, and `max_connections` of them would have every
+    later client answered 503. Here a request not wholly received within
+    `request_read_timeout_s` of its connection opening, or of the previous answer, has its
+    connection closed; a request received in time is answered however long its search takes.
+    At shutdown, a request not wholly received is dropped at once."""
+    request_read_timeout_s = ServerLimits.request_read_timeout_s
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._read_deadline = self.loop.call_later(self.request_read_timeout_s, self._read_deadline_passed)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._read_deadline.cancel()
+        self._read_deadline = self.loop.call_later(self.request_read_timeout_s, self._read_deadline_passed)
+
+    def connection_lost(self, exc) -> None:
+        self._read_deadline.cancel()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        # A request still arriving has nothing to answer yet: dropped now, not waited for until
+        # uvicorn's graceful-shutdown timeout cancels its handler (with a traceback).
+        if self.cycle is not None and not self.cycle.response_complete and self.conn.their_state is not h11.DONE:
+            self.transport.close()
+        else:
+            super().shutdown()
+
+    def _read_deadline_passed(self) -> None:
+        # DONE: the whole request is in (its answer may still be on its way).
+        if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+            self.transport.close()
 
 
 class RetrievalServer:
@@ -277,11 +362,13 @@ class RetrievalServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=2048)
         self.searcher = BatchingSearcher(retriever, limits.max_queries)
-        # http="h11" and loop="asyncio" whatever else is installed (uvloop, httptools): h11's
-        # strict parsing is what refuses malformed requests. log_config=None leaves the
-        # process's logging alone.
+        # h11 (with a read deadline) and loop="asyncio" whatever else is installed (uvloop,
+        # httptools): h11's strict parsing is what refuses malformed requests. log_config=None
+        # leaves the process's logging alone.
+        protocol = type("RetrievalH11Protocol", (_ReadDeadlineH11Protocol,),
+                        {"request_read_timeout_s": limits.request_read_timeout_s})
         self._server = uvicorn.Server(uvicorn.Config(
-            make_app(self.searcher, limits, num_passages), loop="asyncio", http="h11",
+            make_app(self.searcher, limits, num_passages), loop="asyncio", http=protocol,
             lifespan="off", log_config=None, log_level="warning", access_log=False,
             limit_concurrency=limits.max_connections, timeout_keep_alive=30,
             timeout_graceful_shutdown=5))

@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -278,8 +279,8 @@ def test_a_k_the_index_cannot_serve_fails_only_its_own_request():
     assert [results[name][0] for name in ("q1", "q2")] == [200, 200]
 
 
-def test_serve_retriever_cli(tmp_path, reference_dir):
-    from launch import build_index
+def test_serve_retriever_cli(tmp_path, reference_dir, capsys):
+    from launch import build_index, serve_retriever
     corpus = reference_dir / "r1searcher" / "corpus_samples" / "train_np_title_abs_sample_100.tsv"
     assert build_index.main(["--corpus", str(corpus), "--out", str(tmp_path / "idx"), "--backends", "bm25",
                              "--no_progress"]) == 0
@@ -293,9 +294,21 @@ def test_serve_retriever_cli(tmp_path, reference_dir):
         status, data = _post(url, "/queries", {"queries": ["Lucy Mair anthropologist"], "k": 1})
         assert status == 200
         assert data["answers"][0][0].startswith("1\tTitle: Lucy Mair Text:  Lucy Philip Mair")
+        # The port taken: a message, not a traceback.
+        port = url.rpartition(":")[2]
+        with pytest.raises(SystemExit) as exited:
+            serve_retriever.main(["--index_dir", str(tmp_path / "idx"), "--backend", "bm25", "--port", port])
+        assert exited.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        process.terminate()  # SIGTERM: a graceful stop, status 0, the port free again
+        assert process.wait(timeout=30) == 0
+    socket.create_server(("127.0.0.1", int(port))).close()
+    # An index without the backend asked for, or no index at all: a message, not a traceback.
+    for index_dir, says in ((tmp_path / "idx", "built with backends ['bm25'], not 'dense'"),
+                            (tmp_path / "none", "index.json not found")):
+        with pytest.raises(SystemExit) as exited:
+            serve_retriever.main(["--index_dir", str(index_dir), "--backend", "dense"])
+        assert exited.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_client_retries_transient_failures_but_not_bad_requests():
@@ -330,6 +343,30 @@ def test_client_retries_transient_failures_but_not_bad_requests():
         unreachable.search(["q"], 1)
 
 
+def test_client_says_a_connection_broken_mid_answer_was_not_retried():
+    """urllib3 retries up to the answer's headers; a body cut short fails the one try, and the
+    message says so rather than claiming the retries were spent."""
+    seen = []
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            seen.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self.wfile.write(b'{"queries": ')  # and the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    with _serving(Cut) as url:
+        with pytest.raises(RetrievalServerError, match="broke or timed out .* while the answer was read, "
+                                                       "which is not retried: .*IncompleteRead"):
+            HttpRetriever(url, retries=2, backoff_s=0.01).search(["q"], 1)
+    assert len(seen) == 1
+
+
 def test_client_rejects_answers_not_of_its_api_and_a_bad_on_failure():
     bodies = [b'{"queries": ["a", "b"], "answers": [["1\\tTitle: A Text: a"]]}', b'{"result": 3}', b"[1]"]
 
@@ -356,3 +393,8 @@ def test_client_rejects_answers_not_of_its_api_and_a_bad_on_failure():
         assert none_document.take_metrics() == {"retrieval/failed_queries": 0.0}  # counted once
     with pytest.raises(ValueError, match="on_failure must be one of"):
         RetrieverConfig(backend="http", url="http://127.0.0.1:1", on_failure="skip")
+    # A url requests refuses on every try is refused at once: with none_document it searched
+    # nothing all run, every query counted failed.
+    for url in ("", "127.0.0.1:8000", "localhost:8000", "htp://x", "http://"):
+        with pytest.raises(ValueError, match=f"needs an http:// or https:// url with a host.*got {url!r}"):
+            HttpRetriever(url, on_failure="none_document")

@@ -1,8 +1,10 @@
 """The server's request handling at the byte level: malformed and unfinished requests hold no
 worker, bodies over the limit are refused however they are sent, and (hypothesis) any method,
 path, headers and body get a 2xx or a 4xx with a JSON message, never a 5xx or a hang."""
+import http.client
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from searcher_jax.retrieval.hits import Hit
 from searcher_jax.retrieval.passage import Passage
-from searcher_jax.retrieval.server import RetrievalServer, ServerLimits
+from searcher_jax.retrieval.server import BatchingSearcher, RetrievalServer, ServerLimits
 
 LIMITS = ServerLimits(max_queries=8, max_k=5, max_query_chars=64, max_body_bytes=16384)
 TIMEOUT_S = 10.0  # a reply slower than this on loopback is a hung connection
@@ -191,3 +193,153 @@ def test_any_request_gets_a_2xx_or_a_4xx_with_a_message(server, method, path, bo
                    zip(answer["queries"], answer["answers"]) for line in lines)
     elif path == "/retrieve":
         assert isinstance(answer["result"], list)
+
+
+@pytest.mark.parametrize("path", ["/queries", "/retrieve"])
+def test_a_lone_surrogate_in_a_query_is_a_400_naming_it(server, path):
+    # json.dumps writes "\ud800" as an escape, which json.loads decodes to a str no answer can
+    # encode as UTF-8: refused with the query's place, not searched and answered 500.
+    status, _, body = _exchange(server, _request("POST", path, b'{"queries": ["ok", "a\\ud800b"]}'))
+    assert status == 400 and "queries[1] holds '\\ud800' at 1, a lone surrogate" in json.loads(body)["error"]
+    assert _good(server)[0] == 200
+
+
+def test_a_405_names_the_allowed_methods(server):
+    status, headers, _ = _exchange(server, _request("GET", "/queries"))
+    assert status == 405 and headers["allow"] == "POST"
+
+
+class _SlowRetriever(_EchoRetriever):
+    def search_hits(self, queries, k):
+        time.sleep(0.6)  # longer than the read deadline below: only reading is bounded
+        return super().search_hits(queries, k)
+
+
+def test_unfinished_requests_are_dropped_at_the_read_deadline():
+    """Half-sent requests filling every connection the server allows are closed after
+    request_read_timeout_s, so the server serves again (uvicorn alone holds them for ever and
+    answers everyone else 503)."""
+    limits = ServerLimits(max_connections=4, request_read_timeout_s=0.3)
+    with RetrievalServer(_SlowRetriever(), port=0, limits=limits) as slow:
+        # Three held and the fourth, any client's, is one too many (uvicorn counts connections).
+        held = [socket.create_connection(_address(slow), timeout=TIMEOUT_S) for _ in range(3)]
+        try:
+            for i, sock in enumerate(held):
+                sock.sendall(b"POST /queries HTTP/1.1\r\nHost: x\r\nContent-Le" if i % 2 else
+                             b'POST /queries HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"queries": [')
+            for sock in held:  # the server closes each: an empty read, not a timeout
+                try:
+                    assert sock.recv(1024) == b""
+                except socket.timeout:
+                    pytest.fail(f"a half-sent request was still held after {TIMEOUT_S} s")
+        finally:
+            for sock in held:
+                sock.close()
+        # A request sent whole is answered, though its search outlasts the deadline; and twice
+        # on one kept-alive connection, the deadline starting again after each answer.
+        conn = http.client.HTTPConnection(*_address(slow), timeout=TIMEOUT_S)
+        try:
+            for _ in range(2):
+                conn.request("POST", "/queries", body=json.dumps({"queries": ["x"], "k": 1}))
+                response = conn.getresponse()
+                assert response.status == 200 and json.loads(response.read())["queries"] == ["x"]
+        finally:
+            conn.close()
+
+
+class _GatedPassage(Passage):
+    """A passage whose rendering waits for a gate: an answer being written, held open."""
+    entered = gate = None  # threading.Events, set per test
+
+    def render(self) -> str:
+        self.entered.set()
+        assert self.gate.wait(timeout=TIMEOUT_S), "the gate was never opened"
+        return super().render()
+
+
+class _GatedRetriever:
+    def search_hits(self, queries, k):
+        return [[Hit(0, _GatedPassage("0", q, " t", "hotpot_abstract"), 1.0)] for q in queries]
+
+
+def test_an_answer_being_written_does_not_stall_other_connections(monkeypatch):
+    """The answer is encoded off the event loop (a 50 MB one takes seconds): while one is being
+    written, /health is answered."""
+    entered, gate = threading.Event(), threading.Event()
+    monkeypatch.setattr(_GatedPassage, "entered", entered)
+    monkeypatch.setattr(_GatedPassage, "gate", gate)
+    with RetrievalServer(_GatedRetriever(), port=0) as gated:
+        answer = {}
+        writer = threading.Thread(target=lambda: answer.update(
+            status=_exchange(gated, _request("POST", "/queries", b'{"queries": ["q"], "k": 1}'))[0]))
+        writer.start()
+        try:
+            assert entered.wait(timeout=TIMEOUT_S), "the answer was never written"
+            with socket.create_connection(_address(gated), timeout=2.0) as sock:
+                sock.sendall(_request("GET", "/health"))
+                assert sock.recv(1024).startswith(b"HTTP/1.1 200 "), "/health waited for the answer"
+        finally:
+            gate.set()
+            writer.join(timeout=TIMEOUT_S)
+        assert answer == {"status": 200}
+
+
+def test_a_request_cancelled_while_queued_does_not_end_the_batcher():
+    searching, release = threading.Event(), threading.Event()
+
+    class Blocking(_EchoRetriever):
+        def search_hits(self, queries, k):
+            searching.set()
+            release.wait(timeout=TIMEOUT_S)
+            return super().search_hits(queries, k)
+
+    searcher = BatchingSearcher(Blocking(), max_queries=8)
+    try:
+        first = searcher.submit(["a"], 1)
+        assert searching.wait(timeout=TIMEOUT_S)  # the worker took `first` alone and waits in its search
+        queued = searcher.submit(["b"], 1)
+        assert queued.cancel()  # as asyncio.wrap_future does when the handler is cancelled
+        release.set()
+        assert first.result(timeout=TIMEOUT_S)[0][0].passage.title == "a"
+        assert searcher.submit(["c"], 1).result(timeout=TIMEOUT_S)[0][0].passage.title == "c"
+    finally:
+        release.set()
+        searcher.close()
+
+
+def test_a_batch_never_holds_more_than_max_queries():
+    searching, release, batches = threading.Event(), threading.Event(), []
+
+    class Recording(_EchoRetriever):
+        def search_hits(self, queries, k):
+            batches.append(len(queries))
+            searching.set()
+            release.wait(timeout=TIMEOUT_S)
+            return super().search_hits(queries, k)
+
+    searcher = BatchingSearcher(Recording(), max_queries=8)
+    try:
+        first = searcher.submit(["a"], 1)
+        assert searching.wait(timeout=TIMEOUT_S)
+        sizes = [5, 5, 3, 8]
+        queued = [searcher.submit([f"q{i}.{j}" for j in range(n)], 1) for i, n in enumerate(sizes)]
+        release.set()
+        assert first.result(timeout=TIMEOUT_S)[0][0].passage.title == "a"
+        for i, (future, n) in enumerate(zip(queued, sizes)):
+            assert [hits[0].passage.title for hits in future.result(timeout=TIMEOUT_S)] == [f"q{i}.{j}" for j in range(n)]
+        assert batches == [1, 5, 8, 8]  # 5 + 5 would be 10: the second 5 waits and takes the 3 beside it
+    finally:
+        release.set()
+        searcher.close()
+
+
+def test_stop_drops_a_request_still_arriving_at_once():
+    stopping = RetrievalServer(_EchoRetriever(), port=0).start()
+    with socket.create_connection(_address(stopping), timeout=TIMEOUT_S) as sock:
+        sock.sendall(b'POST /queries HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{"queries": [')
+        time.sleep(0.1)  # the handler is waiting for the rest of the body
+        start = time.monotonic()
+        stopping.stop()
+        # Not held to uvicorn's 5 s graceful-shutdown timeout, then cancelled.
+        assert time.monotonic() - start < 2.0
+        assert sock.recv(1024) == b""  # closed, unanswered
