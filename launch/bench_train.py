@@ -7,6 +7,11 @@ all rows, micro-batches of `--micro`); the peer is transformers' Qwen2 in PyTorc
 build) doing the same arithmetic with torch.optim.Adam. Both on the model shape of the
 other benchmarks (Qwen2-shaped, 48M parameters), fp32.
 
+With --length_mix, rows are 64 to --seq tokens long (uniform), as a rollout batch whose few
+long rows set its width, and ours also runs with length-aware micro-batches
+(rl.length_buckets, rl/length_buckets.py) beside the padded step: the ratio is the speedup,
+and the tokens/s count real tokens only. Its ceiling is padded tokens over real tokens.
+
 MFU counts 8 x params x tokens FLOPs (a forward for the old log-probs, then forward and
 backward: 2 + 6), without attention, against the measured peak of one 2048^3 matmul.
 """
@@ -26,20 +31,28 @@ from searcher_jax.rl.batch import RolloutBatch
 from searcher_jax.rl.config import RLConfig
 
 
-def _batch(rows: int, seq: int, vocab: int):
+def _batch(rows: int, seq: int, vocab: int, length_mix: bool = False):
     rng = np.random.RandomState(0)
     tokens = rng.randint(0, vocab, (rows, seq)).astype(np.int32)
     loss_mask = np.zeros((rows, seq), bool)
-    loss_mask[:, seq // 2:] = True  # a prompt, then the sampled response
+    if not length_mix:
+        loss_mask[:, seq // 2:] = True  # a prompt, then the sampled response
+    else:  # a 32-token prompt, then a response; right padded
+        lengths = rng.randint(64, seq + 1, rows)
+        lengths[0] = seq
+        for row, length in enumerate(lengths):
+            loss_mask[row, 32:length] = True
+            tokens[row, length:] = 0
     rewards = rng.normal(size=rows).astype(np.float32)
     return tokens, loss_mask, rewards
 
 
-def ours(args, tokens, loss_mask, rewards) -> float:
+def ours(args, tokens, loss_mask, rewards, length_buckets: int = 1) -> float:
     config = ModelConfig(**BENCH_CONFIG, dtype="float32", scan_layers=args.scan, remat=False,
                          attention=args.attention)
     rl = RLConfig(samples_per_prompt=4, mini_batch_size=args.rows, micro_batch_size=args.micro,
-                  learning_rate=1e-6, total_steps=100, logprob_chunk=args.seq)
+                  learning_rate=1e-6, total_steps=100, logprob_chunk=args.seq,
+                  length_buckets=length_buckets)
     graphdef, params = nnx.split(Decoder(config, rngs=nnx.Rngs(0)))
     state = train_step.make_init_fn(rl, params)(params)
     step = train_step.make_train_step(graphdef, state, rl)
@@ -99,17 +112,27 @@ def torch_peer(args, tokens, loss_mask, rewards) -> float:
 
 
 def run(args) -> dict:
-    tokens, loss_mask, rewards = _batch(args.rows, args.seq, BENCH_CONFIG["vocab_size"])
-    num_tokens = args.rows * args.seq
+    tokens, loss_mask, rewards = _batch(args.rows, args.seq, BENCH_CONFIG["vocab_size"],
+                                        args.length_mix)
+    # Real tokens: a row's prompt and response (all of it without --length_mix).
+    num_tokens = (int(np.where(loss_mask.any(1), loss_mask.shape[1] - np.argmax(
+        loss_mask[:, ::-1], axis=1), 0).sum()) if args.length_mix else args.rows * args.seq)
     params = ModelConfig(**BENCH_CONFIG).num_params
     peak = _matmul_flops_per_s(args.repeats)
-    seconds = {"ours": ours(args, tokens, loss_mask, rewards),
-               "pytorch": torch_peer(args, tokens, loss_mask, rewards)}
+    seconds = {"ours": ours(args, tokens, loss_mask, rewards)}
+    if args.length_mix:
+        seconds["ours, length-aware"] = ours(args, tokens, loss_mask, rewards, args.length_buckets)
+    if not args.no_peer:
+        seconds["pytorch"] = torch_peer(args, tokens, loss_mask, rewards)
     for name, s in seconds.items():
         mfu = 8 * params * num_tokens / s / peak
-        print(f"{name:8s}: {s:6.2f} s per update, {num_tokens / s:7.0f} tokens/s, MFU {mfu:.0%} "
+        print(f"{name:20s}: {s:6.2f} s per update, {num_tokens / s:7.0f} tokens/s, MFU {mfu:.0%} "
               f"(peak {peak / 1e9:.0f} GFLOP/s)")
-    print(f"ours / pytorch: {seconds['pytorch'] / seconds['ours']:.2f}x")
+    if "pytorch" in seconds:
+        print(f"ours / pytorch: {seconds['pytorch'] / seconds['ours']:.2f}x")
+    if args.length_mix:
+        print(f"length-aware / padded: {seconds['ours'] / seconds['ours, length-aware']:.2f}x "
+              f"(ceiling, padded over real tokens: {args.rows * args.seq / num_tokens:.2f}x)")
     return {**seconds, "peak_flops": peak, "params": params, "tokens": num_tokens}
 
 
@@ -121,6 +144,11 @@ def add_args(parser: argparse.ArgumentParser):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise"],
                         help="ours' attention over whole rows (model/attention.py)")
+    parser.add_argument("--length_mix", action="store_true",
+                        help="rows of 64 to --seq tokens; adds ours with length-aware micro-batches")
+    parser.add_argument("--length_buckets", type=int, default=4,
+                        help="widths of the length-aware step (rl.length_buckets)")
+    parser.add_argument("--no_peer", action="store_true", help="skip the PyTorch peer")
 
 
 def main():

@@ -77,15 +77,20 @@ def _norm(tree):
 
 
 def test_length_aware_step_equals_the_padded_step(tiny_model):
-    """Two mini-batches of 4 rows, micro-batches of 2 at widths 256/512/768/1,024; KL in the
-    reward. Dr. GRPO's seq_sum_batch_mean divides by the batch's width T (norm_tokens 0),
+    """Two mini-batches of 4 rows, micro-batches of 2 at widths 512 or 1,024 (two buckets: each
+    is a compiled branch, and CI's time is counted); KL in the reward. Dr. GRPO's seq_sum_batch_mean divides by the batch's width T (norm_tokens 0),
     which a micro-batch cut to its own width must not change."""
     model = tiny_model(num_layers=1)
     padded = RLConfig(estimator="reinforce_baseline", samples_per_prompt=4, kl_coef=0.01,
                       mini_batch_size=4, micro_batch_size=2, learning_rate=1e-2,
                       total_steps=10, logprob_chunk=256, aggregation="seq_sum_batch_mean")
-    bucketed = dataclasses.replace(padded, length_buckets=4)
+    bucketed = dataclasses.replace(padded, length_buckets=2)
     batch = _batch()
+    # Both branches run: sorted by length, some micro-batch fits 512 and some does not.
+    ends = np.asarray(length_buckets.row_ends(batch.loss_mask.astype(bool)))
+    by_mini = np.sort(ends.reshape(2, 4, order="F"), axis=1)   # rows strided over mini-batches
+    widths = by_mini.reshape(2, 2, 2).max(axis=2).ravel()      # each micro-batch's longest row
+    assert (widths <= 512).any() and (widths > 512).any(), widths
     state, history = _three_steps(model, batch, padded)
     state_b, history_b = _three_steps(model, batch, bucketed)
     for metrics, metrics_b in zip(history, history_b):
