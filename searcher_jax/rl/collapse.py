@@ -1,8 +1,9 @@
 """Collapse detection: signs, in a run's per-step metrics, that RL is destroying the policy.
 
 GRPO-style runs of search agents are reported to collapse after a while (Search-R1 and
-ZeroSearch trackers; Deng et al. 2025, "On GRPO collapse in agent search: the lazy likelihood
-displacement", arXiv 2512.04220): the reward may still look fine for some steps while
+ZeroSearch trackers; Deng et al. 2025, "On Group Relative Policy Optimization Collapse in Agent
+Search: The Lazy Likelihood-Displacement", arXiv 2512.04220): the reward may still look fine
+for some steps while
   - the policy turns deterministic: the entropy of its sampled tokens falls towards 0;
   - the responses it is rewarded for grow unlikely under it (the likelihood displacement):
     their token-mean log-prob falls;
