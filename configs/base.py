@@ -10,6 +10,7 @@ from ml_collections import config_dict
 from searcher_jax import run_config
 from searcher_jax.data.config import DataConfig
 from searcher_jax.retrieval.retriever import RetrieverConfig
+from searcher_jax.rl.collapse import CollapseConfig
 from searcher_jax.rl.config import RLConfig
 from searcher_jax.rl.rewards import RewardConfig
 from searcher_jax.rollout import RolloutConfig
@@ -43,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
                    "max_prompt_len": 1024}
     # 64 prompts x 16 samples = 1,024 rollouts a step, 4 optimizer steps of 256.
     config.train = {**run_config.defaults(TrainConfig), "prompts_per_step": 64}
+    # Collapse detection (searcher_jax/rl/collapse.py): warn, or with action="stop" stop, when
+    # entropy, the likelihood of rewarded responses, length or format go past their bounds.
+    config.collapse = run_config.defaults(CollapseConfig)
     # dir set: build the embedded synthetic world there and use it (configs/demo.py). seed
     # unset: the preset's; a placeholder, so `--config.world.seed=3` can still give an int.
     config.world = dict(dir="", preset="demo", seed=config_dict.placeholder(int))

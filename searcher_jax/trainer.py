@@ -4,7 +4,8 @@ One rollout step:
     questions (QuestionOrder at a saved position) -> prompts x samples_per_prompt
     -> rollout (sampler <-> retriever) -> rewards (host strings)
     [-> more prompts while dynamic sampling refills: rl/dynamic_sampling.py]
-    -> [reference log-probs] -> train_step (pure, jitted, sharded) -> metrics, checkpoint.
+    -> [reference log-probs] -> train_step (pure, jitted, sharded)
+    -> metrics (with collapse signals: rl/collapse.py), checkpoint.
 Everything a resumed run needs is in the checkpoint: the TrainState, the step
 and the data position; each step's PRNG key is fold_in(seed, step) (a refill's k-th extra
 draw: fold_in of that key and k). A new run may start from
@@ -40,7 +41,7 @@ from searcher_jax.data.questions import (
 )
 from searcher_jax.model import hf_io, sharding
 from searcher_jax.retrieval.retriever import make_retriever
-from searcher_jax.rl import dynamic_sampling
+from searcher_jax.rl import collapse, dynamic_sampling
 from searcher_jax.rl import rewards as rewards_lib
 from searcher_jax.rl import train_step as train_step_lib
 from searcher_jax.rl.batch import RolloutBatch
@@ -70,14 +71,27 @@ class TrainConfig:
     # A progress bar on stdout (process 0), with reward, F1 and queries per row, and a line per
     # evaluation; the per-step log line stays at INFO, which the launchers hide by default.
     progress: bool = True
+    # A step's optimizer steps whose loss or gradient norm is not finite are skipped (params and
+    # optimizer state kept; `skipped_steps` in the metrics, and a warning). When more than this
+    # share of the run's optimizer steps has been skipped, from rollout step
+    # nonfinite_min_steps on, the run stops (NonFiniteStepsError): it is no longer training.
+    max_nonfinite_share: float = 0.1
+    nonfinite_min_steps: int = 10
 
     def __post_init__(self):
         for name in ("prompts_per_step", "log_every", "eval_batch_size", "save_every",
-                     "max_to_keep"):
+                     "max_to_keep", "nonfinite_min_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config.train.{name} must be >= 1, got {getattr(self, name)}")
         if min(self.steps, self.eval_every, self.eval_questions) < 0:
             raise ValueError("config.train.steps, eval_every and eval_questions must be >= 0")
+        if not 0 <= self.max_nonfinite_share <= 1:
+            raise ValueError(f"config.train.max_nonfinite_share must be in [0, 1], got "
+                             f"{self.max_nonfinite_share}")
+
+
+class NonFiniteStepsError(RuntimeError):
+    """A run that skipped more than config.train.max_nonfinite_share of its optimizer steps."""
 
 
 def resolve_world(config):
@@ -308,6 +322,11 @@ def train(config) -> dict[str, Any]:
       FileNotFoundError: init_from does not exist or holds no checkpoint; before the world build.
       ValueError: init_from holds another model's params (names the differing leaves);
         before any rollout.
+      NonFiniteStepsError: more than train.max_nonfinite_share of the optimizer steps were
+        skipped for a non-finite loss or gradient norm (from step train.nonfinite_min_steps).
+      collapse.CollapseError: a collapse signal stayed past its bound (rl/collapse.py) and
+        collapse.action is "stop".
+    Either of the last two leaves the step it stops on unsaved.
     """
     train_cfg = run_config.build(TrainConfig, config.train, "train")
     workdir = epath.Path(train_cfg.workdir)
@@ -324,7 +343,10 @@ def train(config) -> dict[str, Any]:
     parts, params = build_parts(config)
     total = train_cfg.steps or max(1, len(parts.train_questions) // train_cfg.prompts_per_step)
     rl = run_config.rl_config(config, rollout_steps=total)
-    rl.steps_per_batch(train_cfg.prompts_per_step * rl.samples_per_prompt)  # fail before rollouts
+    # Fail before any rollout.
+    optimizer_steps = rl.steps_per_batch(train_cfg.prompts_per_step * rl.samples_per_prompt)
+    collapse_cfg = run_config.build(collapse.CollapseConfig, config.get("collapse", {}),
+                                    "collapse")
     writer = MetricsWriter(workdir, progress=train_cfg.progress)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
@@ -345,11 +367,12 @@ def train(config) -> dict[str, Any]:
                   if rl.uses_reference else None)
     del params
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_cfg)
-    start, position = 0, 0
+    start, position, history = 0, 0, []
     if checkpointer.latest_step() is not None:
         # The newest step that reads back whole; damaged newer ones are renamed aside, warned.
         state, meta, _ = checkpointer.restore_latest(jax.tree.map(abstract_like, state))
         start, position = meta["step"], meta["data_position"]
+        history = meta.get("collapse_history", [])  # absent in checkpoints of older versions
         logging.info("resumed from %s at step %d (data position %d)", workdir / "checkpoints",
                      start, position)
 
@@ -363,7 +386,8 @@ def train(config) -> dict[str, Any]:
     stop = _StopSignal()
     for step in range(start, total):
         if stop.agreed():
-            checkpointer.save(step, state, {"step": step, "data_position": position}, force=True)
+            checkpointer.save(step, state, {"step": step, "data_position": position,
+                                            "collapse_history": history}, force=True)
             checkpointer.close()
             writer.close()
             logging.warning("stopped by signal %s after step %d; saved, and a rerun resumes here",
@@ -414,10 +438,20 @@ def train(config) -> dict[str, Any]:
         last["train"] = {**drawn[0], **filled.metrics, **jax.device_get(step_metrics),
                          "rollout_s": t1 - t0, "train_s": time.perf_counter() - t1,
                          "epoch": order.epoch_of(position)}
+        history, derived, alarms = collapse.observe(history, last["train"], collapse_cfg)
+        last["train"].update(derived, skipped_share=last["train"]["total_skipped"] / (
+            (step + 1) * optimizer_steps))
         writer.step_done(last["train"])
         if (step + 1) % train_cfg.log_every == 0 or step + 1 == total:
             writer.write("train", step + 1, last["train"])
-        checkpointer.save(step + 1, state, {"step": step + 1, "data_position": position},
+        error = _health_error(step + 1, last["train"], alarms, train_cfg, collapse_cfg)
+        if error is not None:
+            # The step that stops the run is not saved: the checkpoints keep the run before it.
+            checkpointer.close()
+            writer.close()
+            raise error
+        checkpointer.save(step + 1, state, {"step": step + 1, "data_position": position,
+                                            "collapse_history": history},
                           force=step + 1 == total)
         if train_cfg.eval_every and (step + 1) % train_cfg.eval_every == 0 and step + 1 < total:
             last["eval"] = run_eval(parts, config, state.params, step + 1, writer)
@@ -433,6 +467,35 @@ def train(config) -> dict[str, Any]:
     checkpointer.close()
     writer.close()
     return last
+
+
+def _health_error(step: int, metrics: dict[str, float], alarms: list[collapse.Alarm],
+                  train_cfg: TrainConfig, collapse_cfg: collapse.CollapseConfig):
+    """Logs rollout step `step`'s skipped optimizer steps and collapse alarms (a warning each);
+    returns the error that stops the run (NonFiniteStepsError, collapse.CollapseError), or None.
+    Its inputs are the same on every process (metrics of the jitted step, rewards of the same
+    host rows), so every process stops on the same step."""
+    skipped, share = int(metrics["skipped_steps"]), metrics["skipped_share"]
+    if skipped:
+        logging.warning("step %d: %d of %d optimizer steps skipped for a non-finite loss or "
+                        "gradient norm (loss %s, grad_norm %s): params and optimizer state kept "
+                        "as they were; %.1f%% of the run's optimizer steps skipped so far",
+                        step, skipped, int(metrics["optimizer_steps"]), metrics["loss"],
+                        metrics["grad_norm"], 100 * share)
+    for alarm in alarms:
+        logging.warning("step %d: %s", step, alarm.message)
+    if step >= train_cfg.nonfinite_min_steps and share > train_cfg.max_nonfinite_share:
+        return NonFiniteStepsError(
+            f"step {step}: {int(metrics['total_skipped'])} of the run's optimizer steps "
+            f"({100 * share:.1f}%) were skipped for a non-finite loss or gradient norm, more than "
+            f"config.train.max_nonfinite_share={train_cfg.max_nonfinite_share}; the run stops, "
+            f"this step unsaved (look for NaN/Inf in the rewards, a too high learning rate, or "
+            f"a damaged checkpoint)")
+    if alarms and collapse_cfg.action == "stop":
+        return collapse.CollapseError(
+            f"step {step}: stopped by config.collapse.action='stop', this step unsaved: "
+            + "; ".join(alarm.message for alarm in alarms))
+    return None
 
 
 def _init_from(config, resuming: bool) -> str:

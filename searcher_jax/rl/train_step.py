@@ -185,6 +185,21 @@ def _masked_stats(prefix: str, x, mask):
             f"{prefix}_max": jnp.where(any_token, jnp.max(jnp.where(mask, x, -jnp.inf)), 0.0)}
 
 
+def _positive_logp(logp, advantages, loss_mask):
+    """The mean, over responses whose advantage is positive, of each one's token-mean log-prob
+    under the rollout params (`positive_logp_mean`; 0 when no response is positive) and their
+    count (`positive_rows`). A response's advantage is its mean over its loss tokens (one value
+    per row under every estimator without a KL in the reward). A policy whose rewarded answers
+    grow less likely step after step is collapsing (collapse.py), whatever its reward says."""
+    mask = loss_mask.astype(bool)
+    tokens = jnp.maximum(mask.sum(axis=1), 1)
+    row_logp = jnp.where(mask, logp, 0.0).sum(axis=1) / tokens  # [B]
+    positive = mask.any(axis=1) & (jnp.where(mask, advantages, 0.0).sum(axis=1) / tokens > 0)
+    count = positive.sum()
+    return {"positive_logp_mean": jnp.where(positive, row_logp, 0.0).sum() / jnp.maximum(count, 1),
+            "positive_rows": count.astype(jnp.float32)}
+
+
 def _rollout_metrics(batch: RolloutBatch, loss_mask, sampled, old_logp, advantages, returns,
                      config):
     """loss_mask: the tokens the loss uses; sampled: every token the sampler drew (rows that
@@ -193,6 +208,7 @@ def _rollout_metrics(batch: RolloutBatch, loss_mask, sampled, old_logp, advantag
                "response_tokens_mean": loss_mask.sum(axis=1).mean()}
     metrics.update(_masked_stats("advantage", advantages, loss_mask))
     metrics.update(_masked_stats("return", returns, loss_mask))
+    metrics.update(_positive_logp(old_logp, advantages, loss_mask))
     if config.uses_reference:
         ref_kl = kl_lib.token_kl(old_logp, batch.ref_logprobs, config.kl_estimator)
         metrics["ref_kl_mean"] = adv_lib.masked_mean_var(ref_kl, loss_mask)[0]
