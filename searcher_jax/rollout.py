@@ -74,12 +74,20 @@ class RolloutConfig:
     # rambling, not a search, and the retrieval server refuses queries over its own
     # max_query_chars (4096) for the whole batch.
     max_query_chars: int = 2048
+    # Rows the sampler decodes at once (its KV cache holds this many): a rollout of more rows
+    # runs as consecutive groups of this many, which must divide it. 0 (or at least the
+    # batch's rows): all rows at once. A
+    # row's tokens depend only on the key and its row id (sampling/select.py), so the groups
+    # give the trajectories of one call.
+    sampler_rows: int = 0
 
     def __post_init__(self):
         if self.max_retrievals < 0 or self.top_k < 1 or self.max_query_chars < 1:
             raise ValueError(f"RolloutConfig: max_retrievals ({self.max_retrievals}) must be >= 0, "
                              f"top_k ({self.top_k}) and max_query_chars "
                              f"({self.max_query_chars}) >= 1")
+        if self.sampler_rows < 0:
+            raise ValueError(f"RolloutConfig: sampler_rows must be >= 0, got {self.sampler_rows}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +160,42 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
       key: the PRNG key of the whole batch.
       eos_ids: every id that ends a row (`hf_io.eos_token_ids(model_dir, tokenizer)`).
     Raises:
-      ValueError: a sampler without the rollout's stop strings, no eos id, an empty prompt.
+      ValueError: a sampler without the rollout's stop strings, no eos id, an empty prompt,
+        config.sampler_rows that does not divide B.
     """
+    batch = len(prompt_ids)
+    group = min(config.sampler_rows or batch, batch)
+    if batch % group:
+        raise ValueError(f"rollout: rollout.sampler_rows={group} does not divide the {batch} "
+                         "rows of the batch (prompts x samples per prompt)")
+    if group < batch:
+        return concatenate([
+            _rollout_rows(sampler, tokenizer, retriever, prompt_ids[start:start + group], config,
+                          key, eos_ids, row_ids=np.arange(start, start + group, dtype=np.int32))
+            for start in range(0, batch, group)])
+    return _rollout_rows(sampler, tokenizer, retriever, prompt_ids, config, key, eos_ids)
+
+
+def concatenate(parts: Sequence[Trajectories]) -> Trajectories:
+    """Trajectories of several groups of rows as one batch, padded to the widest."""
+    width = max(part.tokens.shape[1] for part in parts)
+    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # pylint: disable=unnecessary-lambda-assignment
+    return Trajectories(
+        tokens=np.concatenate([pad(p.tokens) for p in parts]),
+        loss_mask=np.concatenate([pad(p.loss_mask) for p in parts]),
+        sampler_logprobs=np.concatenate([pad(p.sampler_logprobs) for p in parts]),
+        prompt_lengths=np.concatenate([p.prompt_lengths for p in parts]),
+        lengths=np.concatenate([p.lengths for p in parts]),
+        responses=[r for p in parts for r in p.responses],
+        queries=[q for p in parts for q in p.queries],
+        end_reasons=[e for p in parts for e in p.end_reasons],
+        overshoot_mismatches=np.concatenate([p.overshoot_mismatches for p in parts]))
+
+
+def _rollout_rows(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
+                  prompt_ids: Sequence[Sequence[int]], config: RolloutConfig, key,
+                  eos_ids: Sequence[int], row_ids: np.ndarray | None = None) -> Trajectories:
+    """One sampler call's rows (row_ids: their ids in the whole batch; None: 0..B-1)."""
     if list(sampler.stop_strings) != list(STOP_STRINGS):
         raise ValueError(f"the rollout's sampler must stop at {STOP_STRINGS} (in that order), "
                          f"it stops at {tuple(sampler.stop_strings)}")
@@ -165,7 +207,7 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
     empty = [b for b, row in enumerate(rows) if row.prompt_len == 0]
     if empty:
         raise ValueError(f"rollout: empty prompt at row(s) {empty}")
-    state = sampler.extend(sampler.init(batch, eos_ids, key), prompt_ids)
+    state = sampler.extend(sampler.init(batch, eos_ids, key, row_ids=row_ids), prompt_ids)
     live = _fetch(state.status) == RUNNING
     for b in np.flatnonzero(~live):
         rows[b].end_reason = "truncated"  # the prompt alone fills the buffer

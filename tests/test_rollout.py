@@ -260,3 +260,21 @@ def test_a_row_ends_at_any_of_the_models_eos_ids(world, trajectories):
         else:
             assert len(tokens) == 0 or tokens[-1] not in eos_ids
     assert ended_there >= 1, f"token {second} was sampled {counts.max()} times before"
+
+
+def test_rows_in_groups_give_the_trajectories_of_one_call(world, trajectories):
+    """rollout.sampler_rows: the sampler decodes 4 rows at a time (a KV cache of 4 rows), and
+    the batch's trajectories are those of one call with every row."""
+    out, calls = trajectories
+    assert len(out.tokens) == ROWS == 12 and len(calls) > 1
+    grouped = world["run"](world["sampler"], world["retriever"],
+                           rollout_lib.RolloutConfig(max_retrievals=3, top_k=3, sampler_rows=4),
+                           jax.random.key(0))
+    assert grouped.tokens.shape == out.tokens.shape
+    np.testing.assert_array_equal(grouped.tokens, out.tokens)
+    np.testing.assert_array_equal(grouped.loss_mask, out.loss_mask)
+    np.testing.assert_array_equal(grouped.sampler_logprobs, out.sampler_logprobs)
+    assert grouped.queries == out.queries and grouped.end_reasons == out.end_reasons
+    with pytest.raises(ValueError, match="sampler_rows=5 does not divide the 12 rows"):
+        world["run"](world["sampler"], world["retriever"],
+                     rollout_lib.RolloutConfig(sampler_rows=5), jax.random.key(0))
