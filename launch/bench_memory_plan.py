@@ -29,12 +29,16 @@ RECIPES = {
     "qwen2.5-7b": dict(hf_dir="Qwen2.5-7B", rows=64 * 16, mini=256, kl_coef=0.0),
     "llama-3.1-8b": dict(hf_dir="Llama-3.1-8B-Instruct", rows=65 * 16, mini=260, kl_coef=1e-4),
 }
-# preset -> (recipe, topology, mesh, micro-batch rows, sampler rows)
+# preset -> (recipe, topology, mesh, micro-batch rows, sampler rows). The sampler rows are
+# the run's rollout.sampler_rows: the rollout decodes the step's rows in groups of that many,
+# which must divide them (1,024 = 64 x 16 for Qwen, 1,040 = 65 x 16 for Llama) and the fsdp
+# axis. Llama on v5e-64 holds its KV cache whole on every tensor shard (8 KV heads over 16):
+# 64 rows ran out of HBM, 40 fit.
 PRESETS = {
     "qwen2.5-7b_v5p-32": ("qwen2.5-7b", "v5p:2x4x4", {"fsdp": 8, "tensor": 4}, 16, 512),
     "qwen2.5-7b_v5e-64": ("qwen2.5-7b", "v5e:8x8", {"fsdp": 16, "tensor": 4}, 16, 256),
     "llama-3.1-8b_v5p-32": ("llama-3.1-8b", "v5p:2x4x4", {"fsdp": 4, "tensor": 8}, 20, 260),
-    "llama-3.1-8b_v5e-64": ("llama-3.1-8b", "v5e:8x8", {"fsdp": 4, "tensor": 16}, 20, 64),
+    "llama-3.1-8b_v5e-64": ("llama-3.1-8b", "v5e:8x8", {"fsdp": 4, "tensor": 16}, 20, 40),
 }
 
 

@@ -1,6 +1,9 @@
 """Shared test set-up: 8 host CPU devices for sharding tests, reference data."""
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Must be set before jax is imported anywhere in the test session. XLA:CPU ends the process
 # when a device's thread waits over 40 s in a collective (its default terminate timeout).
@@ -12,6 +15,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
                       "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the session and the runs it starts as subprocesses: many tests
+# run the demo config's tiny model, and each run compiled the same sampler and train-step
+# programs again (XLA:CPU, seconds each). A fresh directory per session, removed at its end:
+# no executable outlives the code that compiled it. Programs under half a second to
+# compile are not worth a file.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = tempfile.mkdtemp(prefix="searcher_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
