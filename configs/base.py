@@ -37,7 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
     # total_steps 0: the cosine schedule spans the run's optimizer steps.
     config.rl = {**run_config.defaults(RLConfig), "estimator": "reinforce_baseline",
                  "kl_coef": 0.0, "samples_per_prompt": 16, "mini_batch_size": 256,
-                 "total_steps": 0}
+                 "total_steps": 0,
+                 # Length-aware micro-batches: on rows of 64 to 1,024 tokens, 8 widths made
+                 # the update 1.83x faster, 4 widths 1.51x (README, benchmarks), for one
+                 # compiled branch of the step per width.
+                 "length_buckets": 8}
     config.reward = {**run_config.defaults(RewardConfig), "recipe": "answer",
                      "answer_metric": "f1", "format_penalty": -2.0}
     config.data = {**run_config.defaults(DataConfig), "prompt_style": "base",
