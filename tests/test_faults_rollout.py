@@ -55,8 +55,8 @@ class ScriptedSampler:
         self.segment_tokens = []  # tokens each row sampled in each segment
         self.sampled = np.zeros(len(scripts), np.int64)  # tokens each row sampled in all
 
-    def init(self, batch, eos_ids, key):
-        del eos_ids, key
+    def init(self, batch, eos_ids, key, row_ids=None):
+        del eos_ids, key, row_ids
         self._next = [0] * batch
         return State(np.zeros((batch, MAX_LEN), np.int32), np.zeros((batch, MAX_LEN), np.float32),
                      np.zeros(batch, np.int32), np.full(batch, FINISHED, np.int32),
