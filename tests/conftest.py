@@ -77,6 +77,21 @@ def world_paths(world_model_dir) -> world_build.WorldPaths:
 
 
 @pytest.fixture(scope="session")
+def world_policy(world_paths) -> dict:
+    """The world's base model as the rollout samples it: its sampling copy ("copy"), tokenizer,
+    stop table of the rollout's tags ("table") and end-of-sequence ids ("eos_ids")."""
+    from searcher_jax import rollout
+    from searcher_jax.model import hf_io
+    from searcher_jax.sampling import sampler, stop_strings
+    model = hf_io.load_pretrained(world_paths.model_dir)
+    tokenizer = hf_io.load_tokenizer(world_paths.model_dir)
+    table = stop_strings.stop_table_for_tokenizer(tokenizer, list(rollout.STOP_STRINGS),
+                                                  vocab_size=model.config.vocab_size)
+    return dict(copy=sampler.sampling_copy(model), tokenizer=tokenizer, table=table,
+                eos_ids=hf_io.eos_token_ids(world_paths.model_dir, tokenizer))
+
+
+@pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """name -> (directory, torch model), written once per session: qwen2 (tied), qwen3,
     llama (untied, llama3 RoPE), and llama_margin (lm_head scaled x40, so greedy argmaxes

@@ -14,12 +14,10 @@ import requests
 from searcher_jax import llm_client
 from searcher_jax import rollout as rollout_lib
 from searcher_jax.data import prompts
-from searcher_jax.model import hf_io
 from searcher_jax.retrieval import retriever as retriever_lib
 from searcher_jax.retrieval.http_client import HttpRetriever, RetrievalServerError
 from searcher_jax.retrieval.server import RetrievalServer
 from searcher_jax.sampling import sampler as sampling
-from searcher_jax.sampling import stop_strings
 from searcher_jax.synthetic import world_files
 
 ROWS = 6
@@ -97,16 +95,13 @@ class HalvedRecording:
 
 
 @pytest.fixture(scope="module")
-def world(world_paths):
-    model = hf_io.load_pretrained(world_paths.model_dir)
-    tokenizer = hf_io.load_tokenizer(world_paths.model_dir)
-    table = stop_strings.stop_table_for_tokenizer(tokenizer, list(rollout_lib.STOP_STRINGS),
-                                                  vocab_size=model.config.vocab_size)
-    sampler = sampling.Sampler(sampling.sampling_copy(model),
-                               sampling.SamplerConfig(max_len=384, segment_len=64), table)
+def world(world_paths, world_policy):
+    tokenizer, eos_ids = world_policy["tokenizer"], world_policy["eos_ids"]
+    sampler = sampling.Sampler(world_policy["copy"],
+                               sampling.SamplerConfig(max_len=384, segment_len=64),
+                               world_policy["table"])
     questions = world_files.read_jsonl(world_paths.eval_questions)[:ROWS]
     prompt_ids = [prompts.prompt_ids(tokenizer, q["question"], "base") for q in questions]
-    eos_ids = hf_io.eos_token_ids(world_paths.model_dir, tokenizer)
     bm25 = retriever_lib.make_retriever(retriever_lib.RetrieverConfig(
         backend="bm25", index_dir=str(world_paths.index_dir)))
     with RetrievalServer(bm25, port=0) as server:

@@ -30,12 +30,8 @@ class RecordingRetriever:
 
 
 @pytest.fixture(scope="module")
-def world(world_paths):
-    model = hf_io.load_pretrained(world_paths.model_dir)
-    tokenizer = hf_io.load_tokenizer(world_paths.model_dir)
-    table = stop_strings.stop_table_for_tokenizer(tokenizer, list(rollout_lib.STOP_STRINGS),
-                                                  vocab_size=model.config.vocab_size)
-    copy = sampling.sampling_copy(model)
+def world(world_paths, world_policy):
+    tokenizer, table, copy = (world_policy[k] for k in ("tokenizer", "table", "copy"))
     retriever = retriever_lib.make_retriever(retriever_lib.RetrieverConfig(
         backend="bm25", index_dir=str(world_paths.index_dir)))
     questions = world_files.read_jsonl(world_paths.eval_questions)[:ROWS]
@@ -45,7 +41,7 @@ def world(world_paths):
         return sampling.Sampler(copy, sampling.SamplerConfig(max_len=max_len,
                                                              segment_len=segment_len), table)
 
-    eos_ids = hf_io.eos_token_ids(world_paths.model_dir, tokenizer)
+    eos_ids = world_policy["eos_ids"]
 
     def run(sampler, retriever, config, key):
         return rollout_lib.rollout(sampler, tokenizer, retriever, prompt_ids, config, key,

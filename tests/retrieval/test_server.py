@@ -43,6 +43,24 @@ def _serving(handler):
         server.shutdown()
 
 
+def _answering(*bodies: bytes):
+    """A stand-in handler answering each POST 200 with the next of `bodies`."""
+    pending = list(bodies)
+
+    class Answering(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = pending.pop(0)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    return Answering
+
+
 def _post(url, path, payload, raw=None):
     """A plain HTTP client: (status, JSON body decoded as strictly as JSON.parse would)."""
     host, port = url.removeprefix("http://").split(":")
@@ -198,20 +216,8 @@ def test_server_never_writes_a_non_finite_number(score):
 
 
 def test_client_rejects_an_answer_with_a_bare_nan():
-
-    class NanServer(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the http.server API
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = b'{"result": [[{"document": {"id": "0", "contents": "T"}, "score": NaN}]]}'
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with _serving(NanServer) as url:
+    nan = b'{"result": [[{"document": {"id": "0", "contents": "T"}, "score": NaN}]]}'
+    with _serving(_answering(nan)) as url:
         client = HttpRetriever(url, api="searchr1", retries=0)
         with pytest.raises(RetrievalServerError, match="invalid JSON: NaN is not a JSON number"):
             client.search(["q"], 1)
@@ -369,20 +375,7 @@ def test_client_says_a_connection_broken_mid_answer_was_not_retried():
 
 def test_client_rejects_answers_not_of_its_api_and_a_bad_on_failure():
     bodies = [b'{"queries": ["a", "b"], "answers": [["1\\tTitle: A Text: a"]]}', b'{"result": 3}', b"[1]"]
-
-    class Wrong(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - the http.server API
-            self.rfile.read(int(self.headers["Content-Length"]))
-            body = bodies.pop(0)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    with _serving(Wrong) as url:
+    with _serving(_answering(*bodies)) as url:
         with pytest.raises(RetrievalServerError, match=r"/queries answered 1 results for 2 queries"):
             HttpRetriever(url, retries=0).search(["a", "b"], 1)
         with pytest.raises(RetrievalServerError, match=r"/retrieve answered JSON not of the searchr1 API"):

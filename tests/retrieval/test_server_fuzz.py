@@ -27,6 +27,20 @@ class _EchoRetriever:
                  for i in range(k)] for q in queries]
 
 
+class _HeldRetriever(_EchoRetriever):
+    """Records each search's size, says it is searching, then waits until released, so the
+    test controls what queues up behind that search."""
+
+    def __init__(self):
+        self.searching, self.release, self.batches = threading.Event(), threading.Event(), []
+
+    def search_hits(self, queries, k):
+        self.batches.append(len(queries))
+        self.searching.set()
+        self.release.wait(timeout=TIMEOUT_S)
+        return super().search_hits(queries, k)
+
+
 @pytest.fixture(scope="module")
 def server():
     with RetrievalServer(_EchoRetriever(), port=0, limits=LIMITS, num_passages=10) as running:
@@ -285,51 +299,36 @@ def test_an_answer_being_written_does_not_stall_other_connections(monkeypatch):
 
 
 def test_a_request_cancelled_while_queued_does_not_end_the_batcher():
-    searching, release = threading.Event(), threading.Event()
-
-    class Blocking(_EchoRetriever):
-        def search_hits(self, queries, k):
-            searching.set()
-            release.wait(timeout=TIMEOUT_S)
-            return super().search_hits(queries, k)
-
-    searcher = BatchingSearcher(Blocking(), max_queries=8)
+    held = _HeldRetriever()
+    searcher = BatchingSearcher(held, max_queries=8)
     try:
         first = searcher.submit(["a"], 1)
-        assert searching.wait(timeout=TIMEOUT_S)  # the worker took `first` alone and waits in its search
+        assert held.searching.wait(timeout=TIMEOUT_S)  # the worker took `first` alone and waits in its search
         queued = searcher.submit(["b"], 1)
         assert queued.cancel()  # as asyncio.wrap_future does when the handler is cancelled
-        release.set()
+        held.release.set()
         assert first.result(timeout=TIMEOUT_S)[0][0].passage.title == "a"
         assert searcher.submit(["c"], 1).result(timeout=TIMEOUT_S)[0][0].passage.title == "c"
     finally:
-        release.set()
+        held.release.set()
         searcher.close()
 
 
 def test_a_batch_never_holds_more_than_max_queries():
-    searching, release, batches = threading.Event(), threading.Event(), []
-
-    class Recording(_EchoRetriever):
-        def search_hits(self, queries, k):
-            batches.append(len(queries))
-            searching.set()
-            release.wait(timeout=TIMEOUT_S)
-            return super().search_hits(queries, k)
-
-    searcher = BatchingSearcher(Recording(), max_queries=8)
+    held = _HeldRetriever()
+    searcher = BatchingSearcher(held, max_queries=8)
     try:
         first = searcher.submit(["a"], 1)
-        assert searching.wait(timeout=TIMEOUT_S)
+        assert held.searching.wait(timeout=TIMEOUT_S)
         sizes = [5, 5, 3, 8]
         queued = [searcher.submit([f"q{i}.{j}" for j in range(n)], 1) for i, n in enumerate(sizes)]
-        release.set()
+        held.release.set()
         assert first.result(timeout=TIMEOUT_S)[0][0].passage.title == "a"
         for i, (future, n) in enumerate(zip(queued, sizes)):
             assert [hits[0].passage.title for hits in future.result(timeout=TIMEOUT_S)] == [f"q{i}.{j}" for j in range(n)]
-        assert batches == [1, 5, 8, 8]  # 5 + 5 would be 10: the second 5 waits and takes the 3 beside it
+        assert held.batches == [1, 5, 8, 8]  # 5 + 5 would be 10: the second 5 waits and takes the 3 beside it
     finally:
-        release.set()
+        held.release.set()
         searcher.close()
 
 
