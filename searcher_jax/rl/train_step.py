@@ -273,8 +273,10 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
             return length_buckets.at_width(logprobs, widths, needed, micro)
 
         flat = lambda x: x.reshape(num_mini * num_micro, *x.shape[2:])  # pylint: disable=unnecessary-lambda-assignment
-        old_logp = jax.lax.map(micro_logprobs, {"tokens": flat(tokens),
-                                                "sampled": flat(split_sampled)})
+        micro_inputs = {"tokens": flat(tokens)}
+        if widths is not None:  # what picks each micro-batch's width
+            micro_inputs["sampled"] = flat(split_sampled)
+        old_logp = jax.lax.map(micro_logprobs, micro_inputs)
         old_logp = old_logp.reshape(tokens.shape)
         if order is not None:
             old_logp = _constrain_rows(length_buckets.unpermute(old_logp, order), mesh, 2)
