@@ -63,9 +63,9 @@ class TimedSampler:
         self._clock.add("extend", time.perf_counter() - start, sum(len(r) for r in rows))
         return state
 
-    def decode(self, state):
+    def decode(self, state, **kwargs):
         start = time.perf_counter()
-        state, segment = jax.block_until_ready(self._sampler.decode(state))
+        state, segment = jax.block_until_ready(self._sampler.decode(state, **kwargs))
         self._clock.add("decode", time.perf_counter() - start, 0)  # tokens: from the rows
         return state, segment
 

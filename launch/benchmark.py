@@ -7,6 +7,7 @@
     python launch/benchmark.py --suite=encoder      # MiniLM passage encoding vs transformers
     python launch/benchmark.py --suite=memory_plan  # TPU bytes per device, compiled here
     python launch/benchmark.py --suite=rl_step      # one RL step of the demo, part by part
+    python launch/benchmark.py --suite=rollout      # barrier vs continuous rollout schedules
 
 Suite-specific flags follow the suite name: `--suite=sampler -- --batch=16`.
 """
@@ -23,6 +24,7 @@ SUITES = {
     "encoder": "bench_encoder",
     "memory_plan": "bench_memory_plan",
     "rl_step": "bench_rl_step",
+    "rollout": "bench_rollout",
 }
 
 

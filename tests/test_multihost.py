@@ -1,6 +1,9 @@
 """A two-process run (2 CPU processes x 2 devices, jax.distributed over gloo) against the
 same run in one process with 4 devices: the same rollouts, rewards, losses and weights,
 whether every process searches or process 0 searches and broadcasts the passages. The
+every-process run uses the continuous rollout schedule (8 rows a step through 4 slots, which
+process 0's view of the returned searches schedules on both) against the one-process run's
+barrier rounds, so its rollouts equal the barrier's over two processes too. The
 process-0 run is also preempted: a SIGTERM to one process stops both on the same step, and
 the rerun that resumes it ends where the uninterrupted runs end."""
 import json
@@ -19,7 +22,8 @@ import pytest
 from searcher_jax.model import hf_io
 from tests.conftest import REPO_ROOT
 
-TIMING = ("rollout_s", "train_s")
+# Not results: wall times, and the slot utilisation of the schedule that produced the rollout.
+TIMING = ("rollout_s", "train_s", "slot_utilisation")
 STEPS = 3
 
 
@@ -110,7 +114,8 @@ def runs(world_model_dir, tmp_path_factory):
     assert single.returncode == 0, single.stderr[-3000:]
     logs = {"every_process": _two_processes(
         [*_args(world_model_dir, root / "every_process"),
-         "--config.retriever.search_on=every_process"])}
+         "--config.retriever.search_on=every_process", "--config.rollout.schedule=continuous",
+         "--config.rollout.sampler_rows=4", "--config.rollout.decode_steps=16"])}
     stopped, logs["process_0"] = _preempted_then_resumed(
         [*_args(world_model_dir, root / "process_0"), "--config.retriever.search_on=process_0"])
     for log in logs["process_0"]:

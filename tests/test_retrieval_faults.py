@@ -4,10 +4,14 @@ either stops the run with an error naming the URL and the fault (on_failure="sto
 the affected rows the SPEC's "None" document and counts them (on_failure="none_document");
 rows whose retrieval succeeded are exactly as in a run without the fault. Never a hang."""
 import http.server
+import json
 import threading
 import time
 
+import dataclasses
+
 import jax
+import numpy as np
 import pytest
 import requests
 
@@ -22,6 +26,7 @@ from searcher_jax.synthetic import world_files
 
 ROWS = 6
 TIMEOUT_S, RETRIES, BACKOFF_S = 0.5, 1, 0.05
+ERROR_AFTER_S = 0.4
 CONFIG = rollout_lib.RolloutConfig(max_retrievals=3, top_k=3)
 NONE_BLOCK = f"{prompts.BEGIN_DOCUMENTS}\n{prompts.documents_text([])}{prompts.END_DOCUMENTS}"
 FAULTS = ("down", "slow", "garbage")
@@ -30,16 +35,22 @@ FAULTS = ("down", "slow", "garbage")
 class FaultyProxy:
     """A loopback server in front of the real retrieval server: calls before `fail_from` are
     forwarded; from it on, the fault: "down" drops the call and stops listening, "slow" answers
-    after 3 timeouts, "garbage" answers 200 with a body that is not JSON."""
+    after 3 timeouts, "garbage" answers 200 with a body that is not JSON, "error" answers 500
+    after ERROR_AFTER_S. With fail_query, only calls that ask it fail."""
 
-    def __init__(self, upstream: str, fault: str = "", fail_from: int = 0):
+    def __init__(self, upstream: str, fault: str = "", fail_from: int = 0,
+                 fail_query: str | None = None):
         self.calls, proxy = 0, self
+        self.log = []  # (start, end, failed, body) of each call, in monotonic seconds
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - the http.server API
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 call, proxy.calls = proxy.calls, proxy.calls + 1
-                if not fault or call < fail_from:
+                start, queries = time.monotonic(), json.loads(body)["queries"]
+                failing = bool(fault) and call >= fail_from and (
+                    fail_query is None or fail_query in queries)
+                if not failing:
                     answer = requests.post(upstream + self.path, data=body, timeout=30)
                     status, payload = answer.status_code, answer.content
                 elif fault == "down":  # stops listening, then drops this call unanswered
@@ -49,12 +60,16 @@ class FaultyProxy:
                 elif fault == "slow":
                     time.sleep(3 * TIMEOUT_S)
                     status, payload = 200, b'{"answers": []}'
+                elif fault == "error":
+                    time.sleep(ERROR_AFTER_S)
+                    status, payload = 500, b'{"error": "retrieval failed: the index is gone"}'
                 else:
                     status, payload = 200, b'{"queries": ["q"], "answers": [["1\tTitle: x'
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+                proxy.log.append((start, time.monotonic(), failing, queries))
 
             def log_message(self, *args):
                 pass
@@ -119,7 +134,8 @@ def world(world_paths, world_policy):
             return out, recording.calls, client, time.monotonic() - start
 
         clean = run(FaultyProxy(server.url), "stop")
-        yield dict(run=run, upstream=server.url, clean=clean)
+        yield dict(run=run, upstream=server.url, clean=clean, sampler=sampler,
+                   tokenizer=tokenizer, prompt_ids=prompt_ids, eos_ids=eos_ids)
 
 
 def test_the_clean_run_searches(world):
@@ -164,3 +180,43 @@ def test_stop_raises_a_clear_error_within_the_bound(world, fault, says):
     assert f"{proxy.url}/queries" in str(raised.value)
     assert proxy.calls == (2 if fault == "down" else 2 + RETRIES * (fault == "slow"))
     assert time.monotonic() - start < world["clean"][3] + llm_client.request_bound_s(RETRIES, TIMEOUT_S, BACKOFF_S)
+
+
+def test_continuous_failed_rows_end_as_configured_and_never_stall_the_others(world):
+    """schedule=continuous: the search call holding the first query the rollout sends fails
+    (500 after ERROR_AFTER_S, then again on its retry). Meanwhile the other rows keep decoding
+    and their calls are answered; the failed call's rows read "None" (on_failure
+    none_document) and go on; every row no failed call held is the clean run's, bit for bit.
+    (The clean run is the barrier schedule's: a row's tokens do not depend on the schedule.)"""
+    clean = world["clean"][0]
+    config = dataclasses.replace(CONFIG, schedule="continuous", decode_steps=8)
+    first_query = min(  # the query of the row whose first segment is shortest
+        (int(np.flatnonzero(~clean.loss_mask[b, clean.prompt_lengths[b]:])[0]), b)
+        for b in range(ROWS) if clean.queries[b])
+    poisoned = clean.queries[first_query[1]][0]
+    proxy = FaultyProxy(world["upstream"], "error", fail_query=poisoned)
+    client = HttpRetriever(proxy.url, timeout_s=TIMEOUT_S, retries=RETRIES, backoff_s=BACKOFF_S,
+                           on_failure="none_document")
+    try:
+        out = rollout_lib.rollout(world["sampler"], world["tokenizer"], client,
+                                  world["prompt_ids"], config, jax.random.key(3),
+                                  eos_ids=world["eos_ids"])
+    finally:
+        proxy.stop()
+    failed = [entry for entry in proxy.log if entry[2]]
+    assert len(failed) == 1 + RETRIES and all(entry[3] == failed[0][3] for entry in failed)
+    failed_queries = set(failed[0][3])
+    # Not stalled: other calls were answered while the failing call was still being retried.
+    answered = [entry for entry in proxy.log if not entry[2]]
+    assert any(failed[0][0] < end < failed[-1][1] for _, end, _, _ in answered), proxy.log
+    assert client.take_metrics() == {"retrieval/failed_queries": float(len(failed_queries))}
+    touched = [b for b in range(ROWS) if failed_queries & set(out.queries[b])]
+    assert touched
+    for b in range(ROWS):
+        if b in touched:
+            assert NONE_BLOCK in out.responses[b]
+        else:
+            assert out.tokens[b, :out.lengths[b]].tolist() == \
+                clean.tokens[b, :clean.lengths[b]].tolist()
+            assert out.queries[b] == clean.queries[b]
+            assert out.end_reasons[b] == clean.end_reasons[b]

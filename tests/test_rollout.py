@@ -37,13 +37,14 @@ def world(world_paths, world_policy):
     questions = world_files.read_jsonl(world_paths.eval_questions)[:ROWS]
     prompt_ids = [prompts.prompt_ids(tokenizer, q["question"], "base") for q in questions]
 
-    def make_sampler(max_len=768, segment_len=128):
+    def make_sampler(max_len=768, segment_len=128, **config):
         return sampling.Sampler(copy, sampling.SamplerConfig(max_len=max_len,
-                                                             segment_len=segment_len), table)
+                                                             segment_len=segment_len, **config),
+                                table)
 
     eos_ids = world_policy["eos_ids"]
 
-    def run(sampler, retriever, config, key):
+    def run(sampler, retriever, config, key, prompt_ids=prompt_ids):
         return rollout_lib.rollout(sampler, tokenizer, retriever, prompt_ids, config, key,
                                    eos_ids=eos_ids)
 
@@ -274,3 +275,75 @@ def test_rows_in_groups_give_the_trajectories_of_one_call(world, trajectories):
     with pytest.raises(ValueError, match="sampler_rows=5 does not divide the 12 rows"):
         world["run"](world["sampler"], world["retriever"],
                      rollout_lib.RolloutConfig(sampler_rows=5), jax.random.key(0))
+
+
+CONTINUOUS = rollout_lib.RolloutConfig(max_retrievals=3, top_k=3, sampler_rows=4,
+                                       schedule="continuous", decode_steps=16)
+
+
+def _same_trajectories(a, b, logprob_atol=0.0):
+    for name in ("tokens", "loss_mask", "lengths", "prompt_lengths", "overshoot_mismatches"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.queries == b.queries and a.end_reasons == b.end_reasons
+    assert a.responses == b.responses
+    np.testing.assert_allclose(a.sampler_logprobs, b.sampler_logprobs, rtol=0, atol=logprob_atol)
+
+
+def test_the_continuous_schedule_gives_the_barrier_trajectories(world, trajectories):
+    """rollout.schedule=continuous: 12 rows through 4 slots, 16 tokens a call. Rows pause at
+    different calls, search on a host thread while the others decode, resume at a later call
+    than their neighbours, and a slot whose row ended takes the next prompt; the trajectories
+    are the barrier schedule's (all 12 rows in one round-by-round call). The log-probs agree
+    to 1e-6, not bit for bit: a decode call attends a window sized by the longest row decoded
+    beside it, and XLA's softmax and value sums round differently over a longer window of
+    masked keys (the test below fixes the window and gets every bit)."""
+    barrier, barrier_calls = trajectories
+    recorder = RecordingRetriever(world["retriever"])
+    out = world["run"](world["sampler"], recorder, CONTINUOUS, jax.random.key(0))
+    _same_trajectories(out, barrier, logprob_atol=1e-5)
+    for b in range(ROWS):
+        _assert_row_is_consistent(out, b, world["prompt_ids"][b], world["tokenizer"], 768)
+    # Searches went out at several boundaries, not one round: each call holds the rows that
+    # paused at one boundary, and the calls hold every query once.
+    assert len(recorder.calls) > len(barrier_calls)
+    assert sorted(q for queries, _ in recorder.calls for q in queries) == sorted(
+        q for row in barrier.queries for q in row)
+    utilisation = out.metrics()["slot_utilisation"]
+    assert 0 < utilisation <= 1 and out.decode_slot_steps % 4 == 0
+
+
+def test_at_a_fixed_attend_window_both_schedules_agree_bit_for_bit(world):
+    sampler = world["make_sampler"](min_attend_bucket=768)
+    barrier = world["run"](sampler, world["retriever"],
+                           rollout_lib.RolloutConfig(max_retrievals=3, top_k=3),
+                           jax.random.key(0))
+    out = world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(0))
+    _same_trajectories(out, barrier)
+    # Prompts and documents were written for a few rows at a time (extend_rows), not all 4.
+    assert sampler.traces["extend_rows"] >= 1 and sampler.traces["reset"] == 1
+
+
+def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
+    """24 trajectories (6 waves through 4 slots) compile no more programs than the sampler's
+    buckets allow, a number set by its config alone: decode at each attend window, extend at
+    each chunk x attend window x row count, and window, finish and reset once."""
+    sampler = world["make_sampler"]()
+    config = sampler.config
+    out = world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(1),
+                       prompt_ids=world["prompt_ids"] * 2)
+    assert len(out.end_reasons) == 24 and None not in out.end_reasons
+    reach = range(1, config.max_len + 1)
+    attend = {sampling.attend_bucket(n, config.min_attend_bucket, config.max_len) for n in reach}
+    extend_attend = {sampling.power_of_two_bucket(n, config.min_attend_bucket, config.max_len)
+                     for n in reach}
+    chunks = {sampling.extend_chunk(n, config.min_extend_bucket, config.max_extend_chunk)
+              for n in reach}
+    row_counts = {1, 2, 4}  # powers of two from max(4 // 8, 1) up to the 4 slots
+    bound = len(attend) + len(chunks) * len(extend_attend) * len(row_counts) + 3
+    assert sampler.num_compiled <= bound, sampler.traces
+    print(f"compiled {sampler.num_compiled} programs ({dict(sampler.traces)}), bound {bound}")
+    # Another 24 trajectories meet shapes of the same sets: still within the bound.
+    world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(2),
+                 prompt_ids=world["prompt_ids"] * 2)
+    assert sampler.num_compiled <= bound, sampler.traces
+    print(f"after 48 trajectories: {sampler.num_compiled} programs")

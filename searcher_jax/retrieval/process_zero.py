@@ -7,6 +7,7 @@ point of the rollout (DESIGN.md, point 5), so the broadcast is a collective all 
 A failure on process 0 is broadcast too, and every process raises it: none is left
 waiting in a collective the others have abandoned.
 """
+import concurrent.futures
 import dataclasses
 import json
 from typing import Any, Callable, Sequence
@@ -70,3 +71,14 @@ class ProcessZeroRetriever:
     def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
         return agreed_call(lambda: self.inner.search(queries, k), self.process_index,
                            self._broadcast, encode_results, decode_results)
+
+    def submit(self, pool: concurrent.futures.Executor, queries: Sequence[str],
+               k: int) -> concurrent.futures.Future | None:
+        """Starts `inner.search` on a thread of `pool` on process 0 (None on the others); every
+        process then calls `collect` with it, in the same order (the continuous rollout)."""
+        return pool.submit(self.inner.search, queries, k) if self.process_index == 0 else None
+
+    def collect(self, future: concurrent.futures.Future | None) -> list[list[Passage]]:
+        """The result of a `submit`, on every process (process 0 waits for it)."""
+        return agreed_call(future.result if self.process_index == 0 else None,
+                           self.process_index, self._broadcast, encode_results, decode_results)

@@ -272,8 +272,13 @@ def _json(status: int, payload: dict) -> Response:
         return _unencodable(e)
 
 
-def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int) -> Starlette:
-    """The ASGI app: both POST APIs and /health; every error a JSON {"error": message}."""
+def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int,
+             added_latency_s: float = 0.0) -> Starlette:
+    """The ASGI app: both POST APIs and /health; every error a JSON {"error": message}.
+
+    added_latency_s: each search answered that much later, without holding the batching
+    worker (concurrent requests wait at once), as a remote index across a network would
+    (launch/bench_rollout.py)."""
 
     async def health(request: Request) -> Response:
         return _json(200, {"status": "ok", "num_passages": num_passages})
@@ -287,6 +292,8 @@ def make_app(searcher: BatchingSearcher, limits: ServerLimits, num_passages: int
             return _json(e.status, {"error": str(e)})
         except ClientDisconnect:  # nobody is left to read an answer
             return _json(400, {"error": "the client disconnected before sending its body"})
+        if added_latency_s > 0:
+            await asyncio.sleep(added_latency_s)
         try:
             hits: Sequence[Sequence[Hit]] = (
                 await asyncio.wrap_future(searcher.submit(queries, k)) if queries else [])
@@ -358,7 +365,8 @@ class RetrievalServer:
     only. The socket is bound at construction, so `url` holds the port even for port=0."""
 
     def __init__(self, retriever, host: str = "127.0.0.1", port: int = 8000,
-                 limits: ServerLimits = ServerLimits(), num_passages: int = -1):
+                 limits: ServerLimits = ServerLimits(), num_passages: int = -1,
+                 added_latency_s: float = 0.0):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server((host, port), family=family, backlog=2048)
         self.searcher = BatchingSearcher(retriever, limits.max_queries)
@@ -368,7 +376,8 @@ class RetrievalServer:
         protocol = type("RetrievalH11Protocol", (_ReadDeadlineH11Protocol,),
                         {"request_read_timeout_s": limits.request_read_timeout_s})
         self._server = uvicorn.Server(uvicorn.Config(
-            make_app(self.searcher, limits, num_passages), loop="asyncio", http=protocol,
+            make_app(self.searcher, limits, num_passages, added_latency_s), loop="asyncio",
+            http=protocol,
             lifespan="off", log_config=None, log_level="warning", access_log=False,
             limit_concurrency=limits.max_connections, timeout_keep_alive=30,
             timeout_graceful_shutdown=5))

@@ -8,8 +8,10 @@
     copy of the weights (sharding.SAMPLING_RULES) and a whole SamplingState:
     `decode_segment` (the while loop over segment_len tokens the rollout
     runs) attending the whole cache, and attending the largest window below
-    it (that window is cut out of the cache: a copy), and `extend` of one
+    it (that window is cut out of the cache: a copy), `extend` of one
     max_extend_chunk (a prefill or a document insert) attending the whole cache,
+    and the continuous schedule's `extend_rows` (an eighth of the rows) and
+    `compact` (the last rows into half the slots),
 and reads XLA's per-device memory analysis of each. Resident buffers
 (params, optimizer state, reference params, sampling copy, KV cache) are
 also counted exactly from their shard shapes, so the plan says what each
@@ -179,6 +181,21 @@ def _sampler_programs(spec: PlanSpec, model_config: ModelConfig, mesh: Mesh):
         *args, jax.ShapeDtypeStruct((rows, chunk), jnp.int32, sharding=state_shardings.tokens),
         jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=state_shardings.cursor),
         attend_len=spec.sample_len)
+    # The continuous schedule's programs: documents written for an eighth of the rows
+    # (gathered, extended, scattered back), and the last rows moved into half the slots (the
+    # smaller state is not donated: both are live while it copies).
+    replicated = NamedSharding(mesh, PartitionSpec())
+    part, half = max(rows // 8, 1), max(rows // 2, 1)
+    extend_rows = jax.jit(sampler_lib.extend_rows, static_argnames=("attend_len",),
+                          donate_argnums=(2,), out_shardings=state_shardings)
+    lowered["extend_rows"] = extend_rows.lower(
+        *args, jax.ShapeDtypeStruct((part,), jnp.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((part, chunk), jnp.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((part,), jnp.int32, sharding=replicated),
+        attend_len=spec.sample_len)
+    lowered["compact"] = jax.jit(sampler_lib.compact_rows, out_shardings=state_shardings).lower(
+        *args, jax.ShapeDtypeStruct((half,), jnp.int32, sharding=replicated),
+        jax.ShapeDtypeStruct((half,), jnp.bool_, sharding=replicated))
     resident = {"sampling_params": shard_bytes(params, params_shardings),
                 "kv_cache": shard_bytes(state.cache, state_shardings.cache),
                 "stop_table": sum(x.size * x.dtype.itemsize for x in stop_table.values())}

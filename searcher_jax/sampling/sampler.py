@@ -7,7 +7,10 @@ Two jitted programs over a `SamplingState` (donated, static shapes):
   into a few such chunks rather than padded (`extend_chunk`).
 - `decode_segment(state)` samples up to `segment_len` tokens per row in one
   `lax.while_loop`, which ends early once no row is RUNNING (rows pause at a
-  stop string, finish at an end-of-sequence id or fill the buffer).
+  stop string, finish at an end-of-sequence id or fill the buffer). With
+  `steps` it samples at most that many and each row goes on with the segment
+  its last extend began (the continuous rollout's short calls), still ending
+  a row's segment at `segment_len` tokens.
 Both attend only to the first `attend_len` cache slots, a static bucket of the
 longest row that the call can reach, so a long buffer costs nothing while
 rows are short; decode cuts that window out of the cache once per segment.
@@ -115,8 +118,8 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
            attend_len: int) -> SamplingState:
     """Appends tokens [B, E] (row b's first lengths[b]) at each row's cursor.
 
-    Rows with lengths[b] > 0 become RUNNING (TRUNCATED if they do not fit);
-    the others are left as they were. Inserted tokens get log-prob 0. Stop
+    Rows with lengths[b] > 0 become RUNNING (TRUNCATED if they do not fit) and
+    begin a new segment; the others are left as they were. Inserted tokens get log-prob 0. Stop
     strings are matched in what a row samples after its last extend (as a
     server matches them in a request's output, never in its prompt), so the
     automaton restarts.
@@ -142,6 +145,7 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
     status = jnp.where(extended & (~fits | (cursor >= max_len)), TRUNCATED, status)
     return state.replace(
         tokens=buffer, cache=cache, cursor=cursor, status=status,
+        segment_start=jnp.where(extended, cursor, state.segment_start),
         stop_state=jnp.where(extended, 0, state.stop_state),
         last_hidden=jnp.where(extended[:, None], last.astype(state.last_hidden.dtype),
                               state.last_hidden),
@@ -149,11 +153,63 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
         overshoot=jnp.where(extended, 0, state.overshoot))
 
 
+def extend_rows(graphdef, params, state: SamplingState, slots, tokens, lengths, *,
+                attend_len: int) -> SamplingState:
+    """`extend` for the rows `slots` [R] int32 alone (an index >= B pads: nothing is written
+    back); tokens [R, E], lengths [R]. Their fields and cache rows are gathered into an R-row
+    state, extended and written back, so the forward costs R rows, not B: the continuous
+    rollout extends a few rows at each boundary while the others keep decoding."""
+    batch_axes = _cache_batch_axes(graphdef, params)
+    sub = extend(graphdef, params, take_rows(state, slots, batch_axes), tokens, lengths,
+                 attend_len=attend_len)
+    scatter = lambda x, new, axis=0: x.at[(slice(None),) * axis + (slots,)].set(  # pylint: disable=unnecessary-lambda-assignment
+        new, mode="drop")
+    return state.replace(cache=jax.tree.map(scatter, state.cache, sub.cache, batch_axes),
+                         **{name: scatter(x, getattr(sub, name))
+                            for name, x in _row_fields(state).items()})
+
+
+def take_rows(state: SamplingState, rows, batch_axes) -> SamplingState:
+    """The R-row state of rows [R] int32 (an index past B repeats row B-1); batch_axes: each
+    cache leaf's row axis (`_cache_batch_axes`)."""
+    gather = lambda x, axis=0: jnp.take(x, rows, axis=axis, mode="clip")  # pylint: disable=unnecessary-lambda-assignment
+    return state.replace(cache=jax.tree.map(gather, state.cache, batch_axes),
+                         **{name: gather(x) for name, x in _row_fields(state).items()})
+
+
+def compact_rows(graphdef, params, state: SamplingState, rows, keep) -> SamplingState:
+    """A smaller state of rows [R] int32 (keep [R] bool; False: an empty FINISHED slot): the
+    continuous rollout's last rows decode in fewer slots once no prompt is left to fill them."""
+    state = take_rows(state, rows, _cache_batch_axes(graphdef, params))
+    return state.replace(status=jnp.where(keep, state.status, FINISHED))
+
+
+def _cache_batch_axes(graphdef, params):
+    model = nnx.merge(graphdef, params)
+    return jax.tree.map(lambda axes: axes.index("batch"), model.cache_logical_axes(),
+                        is_leaf=_is_axes)
+
+
+def _row_fields(state: SamplingState) -> dict:
+    """Every field with a row axis first (all but the cache and the shared key)."""
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+            if f.name not in ("cache", "key")}
+
+
+def _is_axes(tree) -> bool:
+    return isinstance(tree, tuple) and all(isinstance(name, str) for name in tree)
+
+
 def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config: SamplerConfig,
-                   attend_len: int):
+                   attend_len: int, steps: int | None = None, min_stops=None):
     """Samples up to config.segment_len tokens for every RUNNING row.
 
-    Returns (state, logits [B, N, V] float32 if config.record_logits else None).
+    steps None: every RUNNING row begins a segment here. steps N: at most N tokens, each
+    row going on with its segment (from segment_start) until it holds segment_len tokens;
+    a row that does stays RUNNING for the host to end. min_stops (int32 [], with steps): the
+    call also ends once that many of the rows it began with have stopped sampling, so the
+    host can serve them while few slots idle.
+    Returns (state, logits [B, steps, V] float32 if config.record_logits else None).
     Each step: logits from last_hidden -> a token per row -> its stop-automaton
     and end-of-sequence checks -> the token's forward pass (so its keys and
     values are cached even when it ends the row) -> the next last_hidden.
@@ -161,18 +217,26 @@ def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config
     model = nnx.merge(graphdef, params)
     batch, max_len = state.tokens.shape
     rows = jnp.arange(batch)
-    steps = config.segment_len
+    resume = steps is not None
+    steps = steps if resume else config.segment_len
     record = None
     if config.record_logits:
         record = jnp.zeros((batch, steps, model.config.vocab_size), jnp.float32)
 
+    def sampling(state):  # [B] bool: the rows that sample the next token
+        return ((state.status == RUNNING)
+                & (state.cursor - state.segment_start < config.segment_len))
+
     def cond(carry):
         step, state, _ = carry
-        return (step < steps) & jnp.any(state.status == RUNNING)
+        go_on = (step < steps) & jnp.any(sampling(state))
+        if min_stops is not None:
+            go_on &= jnp.sum(began & ~sampling(state)) < min_stops
+        return go_on
 
     def body(carry):
         step, state, record = carry
-        running = state.status == RUNNING  # [B]
+        running = sampling(state)  # [B]
         logits = model.logits(state.last_hidden)  # [B, V] float32
         keys = select.row_keys(state.key, state.row_ids, state.cursor)
         token = select.select_tokens(logits, keys, config.select)  # [B]
@@ -208,11 +272,27 @@ def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config
     full_cache = state.cache
     if attend_len < max_len:
         state = state.replace(cache=cache_window(full_cache, attend_len))
-    state = state.replace(segment_start=state.cursor)
+    if not resume:
+        state = state.replace(segment_start=state.cursor)
+    began = sampling(state)  # [B]
     _, state, record = jax.lax.while_loop(cond, body, (jnp.int32(0), state, record))
     if attend_len < max_len:
         state = state.replace(cache=write_cache_window(full_cache, state.cache))
     return state, record
+
+
+def reset_rows(state: SamplingState, rows_mask, row_ids) -> SamplingState:
+    """Empties the rows in rows_mask [B] bool for new trajectories with ids row_ids [B] int32
+    (FINISHED until `extend` gives them a prompt). Their cache needs no clearing: a slot is
+    visible only below the row's cursor, which `extend` rewrites from 0."""
+    keep = lambda new, old: jnp.where(  # pylint: disable=unnecessary-lambda-assignment
+        rows_mask.reshape(rows_mask.shape + (1,) * (old.ndim - 1)), new, old)
+    return state.replace(
+        tokens=keep(0, state.tokens), logprobs=keep(0.0, state.logprobs),
+        cursor=keep(0, state.cursor), segment_start=keep(0, state.segment_start),
+        status=keep(FINISHED, state.status), stop_state=keep(0, state.stop_state),
+        stop_id=keep(NO_STOP, state.stop_id), overshoot=keep(0, state.overshoot),
+        row_ids=keep(row_ids, state.row_ids))
 
 
 def finish_rows(state: SamplingState, rows_mask) -> SamplingState:
@@ -244,7 +324,7 @@ def state_shardings(model: Decoder, state_shapes: SamplingState, mesh: Mesh,
         lambda axes, x: NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, mesh, rules,
                                                                      "kv cache")),
         model.cache_logical_axes(), state_shapes.cache,
-        is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, str) for n in a))
+        is_leaf=_is_axes)
     shardings = jax.tree.map(rows_first, state_shapes.replace(cache=None))
     return shardings.replace(cache=cache, key=NamedSharding(mesh, PartitionSpec()))
 
@@ -347,16 +427,22 @@ class Sampler:
         self._shardings = None
         self._extend = jax.jit(self._traced("extend", extend), static_argnames=("attend_len",),
                                donate_argnums=(2,))
+        self._extend_rows = jax.jit(self._traced("extend_rows", extend_rows),
+                                    static_argnames=("attend_len",), donate_argnums=(2,))
         self._decode = jax.jit(self._traced("decode", decode_segment),
-                               static_argnames=("config", "attend_len"), donate_argnums=(2,))
+                               static_argnames=("config", "attend_len", "steps"),
+                               donate_argnums=(2,))
         self._finish = jax.jit(self._traced("finish", finish_rows), donate_argnums=(0,))
+        self._reset = jax.jit(self._traced("reset", reset_rows), donate_argnums=(0,))
+        # Not donated: the smaller state cannot reuse the larger one's buffers.
+        self._compact = jax.jit(self._traced("compact", compact_rows))
         self._window = jax.jit(self._traced("window", segment_window), static_argnames=("width",))
 
     def _traced(self, name, fn):
         def counted(*args, **kwargs):
             self.traces[name] += 1
             out = fn(*args, **kwargs)
-            if name in ("extend", "finish"):
+            if name in ("extend", "extend_rows", "finish", "reset", "compact"):
                 return jax.lax.with_sharding_constraint(out, self._shardings)
             if name == "decode":
                 return jax.lax.with_sharding_constraint(out[0], self._shardings), out[1]
@@ -399,46 +485,76 @@ class Sampler:
         return jax.jit(make, out_shardings=self._shardings)(key)
 
     def extend(self, state: SamplingState, rows: Sequence[Sequence[int]]) -> SamplingState:
-        """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor."""
+        """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor.
+
+        When at most half the rows get tokens, only those are computed (`extend_rows`, in a
+        power-of-two number of rows from an eighth of B, and a multiple of the mesh's row
+        shards)."""
         batch = state.tokens.shape[0]
         if len(rows) != batch:
             raise ValueError(f"extend got {len(rows)} rows of tokens for a batch of {batch}")
         rows = [np.asarray(row, np.int32).reshape(-1) for row in rows]
+        slots = np.array([b for b, row in enumerate(rows) if len(row)], np.int32)
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows' shards
+        size = power_of_two_bucket(len(slots), max(batch // 8, shards), batch)
+        if size >= batch or size % shards:
+            slots = None  # every row, in place
+        else:
+            slots = np.concatenate([slots, np.full(size - len(slots), batch, np.int32)])
         longest, start = max(len(row) for row in rows), 0
         while start < longest:
             step = extend_chunk(longest - start, self.config.min_extend_bucket,
                                 self.config.max_extend_chunk)
-            state = self._extend_chunk(state, [row[start:start + step] for row in rows], step)
+            state = self._extend_chunk(state, [row[start:start + step] for row in rows], step,
+                                       slots)
             start += step
         return state
 
-    def _extend_chunk(self, state: SamplingState, rows: list[np.ndarray],
-                      chunk: int) -> SamplingState:
-        """Writes rows (each at most `chunk` tokens) as one [B, chunk] padded call."""
+    def _extend_chunk(self, state: SamplingState, rows: list[np.ndarray], chunk: int,
+                      slots: np.ndarray | None) -> SamplingState:
+        """Writes rows (each at most `chunk` tokens) as one [B or R, chunk] padded call."""
         batch, max_len = state.tokens.shape
         lengths = np.array([len(r) for r in rows], np.int32)
-        tokens = np.zeros((batch, chunk), np.int32)
-        for b, row in enumerate(rows):
-            tokens[b, :len(row)] = row
         cursor = self._fetch(state.cursor)
         reach = int(np.max(np.where(lengths > 0, cursor + lengths, 0)))
         attend = power_of_two_bucket(reach, self.config.min_attend_bucket, max_len)
+        picked = np.arange(batch) if slots is None else slots
+        tokens = np.zeros((len(picked), chunk), np.int32)
+        for i, b in enumerate(picked):
+            if b < batch:
+                tokens[i, :len(rows[b])] = rows[b]
+        lengths = np.where(picked < batch, lengths[np.minimum(picked, batch - 1)], 0)
         put = functools.partial(jax.device_put, device=self._shardings.cursor)
-        return self._extend(self._graphdef, self._params, state,
-                            jax.device_put(tokens, self._shardings.tokens), put(lengths),
-                            attend_len=attend)
+        if slots is None:
+            return self._extend(self._graphdef, self._params, state,
+                                jax.device_put(tokens, self._shardings.tokens),
+                                put(lengths.astype(np.int32)), attend_len=attend)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return self._extend_rows(self._graphdef, self._params, state,
+                                 jax.device_put(slots, replicated),
+                                 jax.device_put(tokens, replicated),
+                                 jax.device_put(lengths.astype(np.int32), replicated),
+                                 attend_len=attend)
 
-    def decode(self, state: SamplingState) -> tuple[SamplingState, Segment]:
-        """Runs one segment; returns the new state and what the host needs of it."""
+    def decode(self, state: SamplingState, steps: int | None = None,
+               min_stops: int | None = None) -> tuple[SamplingState, Segment]:
+        """Runs one segment (steps None), or at most `steps` tokens of each row's current one,
+        ending once `min_stops` rows have stopped (`decode_segment`); returns the new state
+        and what the host needs of it."""
         max_len = state.tokens.shape[1]
         status, cursor = self._fetch(state.status), self._fetch(state.cursor)
         running = status == RUNNING
         if not running.any():
             raise ValueError("decode: no row is RUNNING; extend some rows first")
-        reach = int(cursor[running].max()) + self.config.segment_len
+        reach = int(cursor[running].max()) + (self.config.segment_len if steps is None
+                                              else min(steps, self.config.segment_len))
         attend = attend_bucket(reach, self.config.min_attend_bucket, max_len)
+        if min_stops is not None:
+            min_stops = jax.device_put(np.int32(min_stops),
+                                       NamedSharding(self.mesh, PartitionSpec()))
         state, logits = self._decode(self._graphdef, self._params, state, self._stop_table,
-                                     config=self.config, attend_len=attend)
+                                     config=self.config, attend_len=attend, steps=steps,
+                                     min_stops=min_stops)
         segment = Segment(status=self._fetch(state.status), stop_id=self._fetch(state.stop_id),
                           overshoot=self._fetch(state.overshoot),
                           segment_start=self._fetch(state.segment_start),
@@ -458,6 +574,26 @@ class Sampler:
             n = int(segment.cursor[b] - segment.segment_start[b])
             out[int(b)] = (tokens[b, :n], logprobs[b, :n])
         return out
+
+    def reset(self, state: SamplingState, rows: Sequence[int],
+              row_ids: Sequence[int]) -> SamplingState:
+        """Empties `rows` for new trajectories with global ids `row_ids` (`reset_rows`)."""
+        mask = np.zeros(state.tokens.shape[0], bool)
+        ids = np.zeros(state.tokens.shape[0], np.int32)
+        mask[np.asarray(rows, np.int64)] = True
+        ids[np.asarray(rows, np.int64)] = np.asarray(row_ids, np.int32)
+        put = functools.partial(jax.device_put, device=self._shardings.cursor)
+        return self._reset(state, put(mask), put(ids))
+
+    def compact(self, state: SamplingState, rows: Sequence[int], size: int) -> SamplingState:
+        """A state of `size` rows: row i is row rows[i] of `state`, the rest empty (FINISHED).
+        size must be a multiple of the mesh's row shards."""
+        picked = np.full(size, state.tokens.shape[0], np.int32)
+        picked[:len(rows)] = rows
+        keep = np.arange(size) < len(rows)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return self._compact(self._graphdef, self._params, state,
+                             jax.device_put(picked, replicated), jax.device_put(keep, replicated))
 
     def finish(self, state: SamplingState, rows: Sequence[int]) -> SamplingState:
         """Ends the given rows (e.g. paused at `</answer>`, or out of retrieval rounds)."""

@@ -1,5 +1,7 @@
 """Process-0 retrieval: the passages and failures every process receives (two processes
 simulated by a shared broadcast; tests/test_multihost.py runs it over jax.distributed)."""
+import concurrent.futures
+
 import pytest
 
 from searcher_jax.retrieval.passage import Passage
@@ -46,6 +48,25 @@ def test_only_process_zero_searches_and_both_get_its_passages():
     assert zero.search(["q1", "q2"], 3) == PASSAGES
     assert one.search(["q1", "q2"], 3) == PASSAGES
     assert inner.calls == [(["q1", "q2"], 3)]
+
+
+def test_a_threaded_search_runs_on_process_zero_only_and_both_collect_it():
+    """The continuous rollout's path: submit starts the search on a pool thread of process 0
+    (nothing on the others), collect gives every process its passages or its error."""
+    inner = Fixed()
+    zero, one = _two_processes(inner)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        future = zero.submit(pool, ["q1", "q2"], 3)
+        assert one.submit(pool, ["q1", "q2"], 3) is None
+        assert zero.collect(future) == PASSAGES and one.collect(None) == PASSAGES
+    assert inner.calls == [(["q1", "q2"], 3)]
+    zero, one = _two_processes(Fixed(error=ConnectionError("server down")))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = zero.submit(pool, ["q"], 3)
+        with pytest.raises(ConnectionError, match="server down"):
+            zero.collect(future)
+    with pytest.raises(RuntimeError, match="process 0 failed: ConnectionError: server down"):
+        one.collect(None)
 
 
 def test_a_failure_on_process_zero_is_raised_everywhere():

@@ -77,10 +77,15 @@ def test_plan_counts_every_buffer(plan):
         sampler.SamplerConfig(max_len=spec.sample_len, segment_len=spec.segment_len))
     assert window == 768   # 1024's buckets: 128, 192, 256, 384, 512, 768, 1024
     assert programs["decode_segment_window"]["temporaries"] >= resident["kv_cache"] * 3 // 4
+    # The continuous schedule's: an eighth of the rows gathered for extend_rows, and compact
+    # holding the whole state and its half-size copy at once.
+    assert programs["extend_rows"]["arguments"] >= resident["kv_cache"]
+    assert memory_plan._footprint(programs["compact"]) >= resident["kv_cache"] * 3 // 2  # pylint: disable=protected-access
     assert result["phases"]["sampling"] == (
         resident["params"] + resident["optimizer_state"] + resident["reference_params"]
         + max(memory_plan._footprint(programs[name])   # pylint: disable=protected-access
-              for name in ("decode_segment", "decode_segment_window", "extend")))
+              for name in ("decode_segment", "decode_segment_window", "extend", "extend_rows",
+                           "compact")))
     assert programs["reference_logprobs"]["arguments"] >= resident["reference_params"]
     assert result["peak_bytes"] == max(result["phases"].values())
     assert result["fits"] == (result["peak_bytes"] <= 16 * GIB)

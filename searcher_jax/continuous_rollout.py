@@ -1,0 +1,246 @@
+"""The rollout without a batch-wide barrier: rows pause, search and resume on their own.
+
+    trajectories = rollout(sampler, tokenizer, retriever, prompt_ids,
+                           RolloutConfig(schedule="continuous"), key, eos_ids=eos_ids)
+
+Under the barrier schedule (`rollout.py`) a row that wrote its query early waits for the
+slowest row of its round, the device waits for the retriever, and a row that ended keeps its
+slot until the whole group ends. Here the sampler holds `slots` rows and decodes at most
+`decode_steps` tokens per call; at each boundary:
+
+1. rows that stopped are read: a row that ends frees its slot; the queries of the rows that
+   paused at `<|end_of_query|>` go to the retriever as one call on a host thread, so the
+   search overlaps the next decode calls of the rows still running;
+2. every search call that has returned is collected (its rows' documents), and the next
+   prompts take the free slots;
+3. one `extend` writes those documents and prompts, and the rows resume at the next call.
+   When no row is left running and nothing has returned, the host waits for the first call.
+
+The KV cache is kept across searches (nothing is re-encoded), as in the barrier schedule.
+A row's tokens depend only on the key, its global row id and its own tokens
+(`select.row_keys`), and a row's segments, searches and inserts go through the same
+`rollout_rows.Row` as the barrier schedule's, so both give the same trajectories. The
+compiled programs are the sampler's usual few: decode at its attend buckets, extend at its
+chunk buckets, reset and finish.
+
+On several processes every decision comes from values all of them hold: the rows' status
+(gathered from the device) and which search calls have returned, which process 0 decides
+and broadcasts. With `search_on="process_0"` only process 0's threads search; the passages
+reach the others through the same broadcast the barrier schedule uses, on the main thread.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from searcher_jax.model import sharding
+from searcher_jax.retrieval.process_zero import ProcessZeroRetriever
+from searcher_jax.rollout_rows import (RolloutConfig, Row, Searcher, Tokenizer, Trajectories,
+                                       assemble)
+from searcher_jax.sampling.sampler import Sampler
+from searcher_jax.sampling.state import PAUSED, RUNNING
+
+
+def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
+            prompt_ids: Sequence[Sequence[int]], config: RolloutConfig, key, *,
+            eos_ids: Sequence[int], slots: int) -> Trajectories:
+    """One trajectory per prompt (row b's id: b), at most `slots` rows on the device at a time.
+
+    The caller (`rollout.rollout`) has checked the sampler's stop strings, the eos ids and
+    the prompts. Raises what the retriever raises (e.g. `on_failure="stop"`).
+    """
+    rows = [Row(prompt=np.asarray(p, np.int32)) for p in prompt_ids]
+    queue = collections.deque(range(len(rows)))
+    table = _Slots.empty(slots)
+    shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
+    min_stops = max(1, slots // 8)
+    pool = concurrent.futures.ThreadPoolExecutor(config.retrieval_threads,
+                                                 thread_name_prefix="retrieval")
+    searches = _Searches(retriever, pool, config.top_k, slots)
+    slot_steps = 0
+    try:
+        state = sampler.init(slots, eos_ids, key)
+        state, status = _refill(sampler, state, rows, queue, table, {})
+        while table.held.any():
+            if (table.held & ~table.waiting & (status == RUNNING)).any():
+                cursor = _fetch(state.cursor)
+                state, segment = sampler.decode(state, steps=config.decode_steps,
+                                                min_stops=min_stops)
+                slot_steps += len(table.holder) * int((segment.cursor - cursor).max())
+                status = segment.status
+                state = _end_segments(sampler, state, segment, rows, table, searches, config,
+                                      tokenizer)
+            running = (table.held & ~table.waiting & (status == RUNNING)).any()
+            admits = bool(queue) and not table.held.all()
+            inserts, overflowing = {}, []
+            for s, query, overshoot, passages in searches.arrived(wait=not (running or admits)):
+                ids = rows[table.holder[s]].add_documents(query, overshoot, passages,
+                                                          int(table.room[s]), tokenizer)
+                table.waiting[s] = False
+                if ids is None:
+                    overflowing.append(s)
+                    table.holder[s] = -1
+                else:
+                    inserts[s] = ids
+            if overflowing:
+                state = sampler.finish(state, overflowing)
+            state, status = _refill(sampler, state, rows, queue, table, inserts)
+            size = _compacted_size(int(table.held.sum()), len(table.holder), slots, shards)
+            if not queue and 0 < table.held.sum() and size < len(table.holder):
+                kept = np.flatnonzero(table.held)
+                state = sampler.compact(state, kept, size)
+                status = _fetch(state.status)
+                searches.move(kept)
+                table = table.take(kept, size)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return assemble(rows, sampler.config.max_len, tokenizer, decode_slot_steps=slot_steps)
+
+
+@dataclasses.dataclass
+class _Slots:
+    """What the host knows of each of the sampler's S rows (its slots)."""
+    holder: np.ndarray  # [S] int: the trajectory in the slot, -1 when free
+    waiting: np.ndarray  # [S] bool: the slot's row waits for its documents
+    room: np.ndarray  # [S] int: buffer left to a waiting row
+
+    @classmethod
+    def empty(cls, size: int) -> "_Slots":
+        return cls(np.full(size, -1), np.zeros(size, bool), np.zeros(size, np.int64))
+
+    @property
+    def held(self) -> np.ndarray:
+        return self.holder >= 0
+
+    def take(self, kept: np.ndarray, size: int) -> "_Slots":
+        """Slot i of the new table is slot kept[i]; the rest are free (`Sampler.compact`)."""
+        out = _Slots.empty(size)
+        out.holder[:len(kept)], out.waiting[:len(kept)] = self.holder[kept], self.waiting[kept]
+        out.room[:len(kept)] = self.room[kept]
+        return out
+
+
+def _end_segments(sampler: Sampler, state, segment, rows: list[Row], table: _Slots,
+                  searches: "_Searches", config: RolloutConfig, tokenizer: Tokenizer):
+    """Reads the rows that stopped in the last decode call: a row that ended frees its slot,
+    the queries of those that paused go out as one search call."""
+    stopped = np.flatnonzero(table.held & ~table.waiting & (
+        (segment.status != RUNNING)
+        | (segment.cursor - segment.segment_start >= sampler.config.segment_len)))
+    to_finish, calls = [], []
+    for s, (tokens, logprobs) in sampler.new_tokens(state, segment, stopped).items():
+        search = rows[table.holder[s]].end_segment(tokens, logprobs, segment.status[s],
+                                                   segment.stop_id[s], config, tokenizer)
+        if search is None:
+            if segment.status[s] in (RUNNING, PAUSED):
+                to_finish.append(s)
+            table.holder[s] = -1
+        else:
+            calls.append((s, *search))
+            table.waiting[s] = True
+            table.room[s] = sampler.config.max_len - segment.cursor[s]
+    if calls:
+        searches.submit(calls)
+    return sampler.finish(state, to_finish) if to_finish else state
+
+
+def _refill(sampler: Sampler, state, rows: list[Row], queue: collections.deque, table: _Slots,
+            inserts: dict[int, list[int]]):
+    """Puts the next prompts into the free slots, extends them and the slots in `inserts`
+    (slot -> its documents' ids), and frees the slots of rows the extend truncated.
+    Returns (state, status [S] int32)."""
+    admitted = []
+    for s in np.flatnonzero(~table.held)[:len(queue)]:
+        table.holder[s] = queue.popleft()
+        inserts[s] = rows[table.holder[s]].prompt
+        admitted.append(s)
+    if admitted:
+        state = sampler.reset(state, admitted, table.holder[admitted])
+    if not inserts:
+        return state, _fetch(state.status)
+    state = sampler.extend(state, [inserts.get(s, []) for s in range(len(table.holder))])
+    status = _fetch(state.status)
+    for s in inserts:
+        if status[s] != RUNNING:  # the prompt, or the block, filled the buffer
+            rows[table.holder[s]].end_reason = "truncated"
+            table.holder[s] = -1
+    return state, status
+
+
+def _compacted_size(held: int, size: int, slots: int, shards: int) -> int:
+    """The fewest slots, of slots / 2, / 4 or / 8 (a multiple of the row shards), that hold
+    `held` rows; `size` when none is smaller."""
+    for fraction in (8, 4, 2):
+        smaller = slots // fraction
+        if slots % fraction == 0 and smaller % shards == 0 and held <= smaller < size:
+            return smaller
+    return size
+
+
+class _Searches:
+    """Search calls on host threads, one per boundary, and which of them have returned,
+    agreed by every process (process 0 decides)."""
+
+    def __init__(self, retriever: Searcher, pool: concurrent.futures.Executor, k: int,
+                 slots: int):
+        self._retriever, self._pool, self._k, self._slots = retriever, pool, k, slots
+        self._process_zero = isinstance(retriever, ProcessZeroRetriever)
+        self._index = jax.process_index()
+        self._in_flight: list[tuple[concurrent.futures.Future | None, list]] = []
+
+    def submit(self, calls: list[tuple[int, str, str]]) -> None:
+        """calls: (slot, query, overshoot) of the rows that paused at one boundary."""
+        queries = [query for _, query, _ in calls]
+        if self._process_zero:
+            future = self._retriever.submit(self._pool, queries, self._k)
+        else:
+            future = self._pool.submit(self._retriever.search, queries, self._k)
+        self._in_flight.append((future, calls))
+
+    def move(self, kept: np.ndarray) -> None:
+        """The slots were compacted: slot kept[i] is now slot i."""
+        new = {int(old): i for i, old in enumerate(kept)}
+        self._in_flight = [(future, [(new[s], query, overshoot) for s, query, overshoot in calls])
+                           for future, calls in self._in_flight]
+
+    def arrived(self, wait: bool) -> list[tuple[int, str, str, list]]:
+        """(slot, query, overshoot, passages) of every call that has returned; with `wait`,
+        first waits until one has (when there is one)."""
+        if not self._in_flight:
+            return []
+        futures = [future for future, _ in self._in_flight]
+        if wait and self._index == 0:
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        done = np.zeros(self._slots, bool)  # one shape: each compiles a broadcast
+        done[:len(futures)] = [f is not None and f.done() for f in futures]
+        done = _agreed(done)
+        out, kept = [], []
+        for (future, calls), ready in zip(self._in_flight, done):
+            if not ready:
+                kept.append((future, calls))
+                continue
+            if self._process_zero:
+                found = self._retriever.collect(future)
+            else:
+                found = future.result()  # another process's call returned; ours will too
+            out.extend((s, query, overshoot, passages)
+                       for (s, query, overshoot), passages in zip(calls, found))
+        self._in_flight = kept
+        return out
+
+
+def _agreed(flags: np.ndarray) -> np.ndarray:
+    """Process 0's flags [S] bool on every process."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.broadcast_one_to_all(flags)).astype(bool)
+
+
+def _fetch(array) -> np.ndarray:
+    return sharding.host_array(array)
