@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from searcher_jax.model import attention, attention_kernels, hf_io
+from searcher_jax.model import attention, attention_kernels, hf_io, sharding
 from tests.model.conftest import max_valid_diff, torch_logits
 
 
@@ -128,34 +128,44 @@ KERNELS = {
 }
 
 
-@pytest.mark.parametrize("kernel", sorted(KERNELS))
-def test_fused_kernels_give_the_dense_paths_outputs_and_gradients(kernel):
-    """GQA (4 query heads over 2 kv heads), T = 200 (splash pads it to 256 and tiles it by
-    256), rows of length 200, 73, 3 and 0. Outputs at every position of the rows of length
-    >= 1 within 1e-5 (padded positions included: both attend the row's valid keys); the
-    row of length 0 is attended as of length 1 (each query gets key 0's value). Gradients
-    wrt q, k and v of a loss over the valid positions: relative 1e-4."""
+def _outputs_and_gradients(fn, q, k, v, lengths, weights):
+    """fn's outputs, and its gradients wrt q, k, v of a weighted sum over the valid positions."""
+    valid = (jnp.arange(q.shape[1])[None] < lengths[:, None])[..., None, None]
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.where(valid, fn(q, k, v, lengths) * weights, 0.0))
+    return jax.jit(fn)(q, k, v, lengths), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.fixture(scope="module")
+def gqa_batch():
+    """GQA (4 query heads over 2 kv heads), T = 200, rows of length 200, 73, 3 and 0, and the
+    dense path's outputs and gradients on it."""
     b, t, n, kv, d = 4, 200, 4, 2, 16
     keys = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(keys[0], (b, t, n, d))
-    k, v = (jax.random.normal(keys[i], (b, t, kv, d)) for i in (1, 2))
-    weights = jax.random.normal(keys[3], (b, t, n, d))
-    lengths = jnp.array([t, 73, 3, 0], jnp.int32)
-    valid = (jnp.arange(t)[None] < lengths[:, None])[..., None, None]
-    dense_path = lambda q, k, v, lengths: attention.attend(  # pylint: disable=unnecessary-lambda-assignment
-        q, k, v, lengths, "dense", 512)
+    inputs = (jax.random.normal(keys[0], (b, t, n, d)),
+              *(jax.random.normal(keys[i], (b, t, kv, d)) for i in (1, 2)),
+              jnp.array([t, 73, 3, 0], jnp.int32), jax.random.normal(keys[3], (b, t, n, d)))
+    dense = _outputs_and_gradients(
+        lambda q, k, v, lengths: attention.attend(q, k, v, lengths, "dense", 512), *inputs)
+    return inputs, dense
 
-    def run(fn):
-        def loss(q, k, v):
-            return jnp.sum(jnp.where(valid, fn(q, k, v, lengths) * weights, 0.0))
-        return jax.jit(fn)(q, k, v, lengths), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    (expected, expected_grads), (got, got_grads) = run(dense_path), run(KERNELS[kernel])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_fused_kernels_give_the_dense_paths_outputs_and_gradients(gqa_batch, kernel):
+    """On gqa_batch (splash pads T = 200 to 256 and tiles it by 256): outputs at every
+    position of the rows of length >= 1 within 1e-5 (padded positions included: both attend
+    the row's valid keys); the row of length 0 is attended as of length 1 (each query gets
+    key 0's value). Gradients wrt q, k and v of a loss over the valid positions: relative
+    1e-4."""
+    inputs, (expected, expected_grads) = gqa_batch
+    got, got_grads = _outputs_and_gradients(KERNELS[kernel], *inputs)
+    v, t, group = inputs[2], got.shape[1], got.shape[2] // inputs[2].shape[2]
     np.testing.assert_allclose(got[:3], expected[:3], atol=1e-5)
-    np.testing.assert_allclose(got[3], jnp.repeat(v[3, :1], n // kv, axis=1).repeat(t, 0),
+    np.testing.assert_allclose(got[3], jnp.repeat(v[3, :1], group, axis=1).repeat(t, 0),
                                atol=1e-6)
-    for name, a, b_ in zip("qkv", expected_grads, got_grads):
-        assert np.abs(np.asarray(a) - np.asarray(b_)).max() <= 1e-4 * np.abs(a).max(), name
+    for name, a, b in zip("qkv", expected_grads, got_grads):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * np.abs(a).max(), name
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
@@ -178,3 +188,23 @@ def test_fused_kernels_in_the_decoder_give_the_dense_logits(hf_models, padded_ba
         return np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, lengths))(params))
 
     assert max_valid_diff(logits(choice), logits("dense"), np.asarray(lengths)) < 1e-4
+
+
+def test_splash_under_a_mesh_runs_per_shard_with_the_same_outputs():
+    """Under a 2 x 2 mesh (jax.set_mesh, as the sharded train step traces) splash runs in a
+    shard_map over rows (fsdp) and kv heads (tensor): the same outputs as on one device."""
+    b, t, n, kv, d = 4, 128, 4, 2, 16
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (b, t, n, d))
+    k, v = (jax.random.normal(keys[i], (b, t, kv, d)) for i in (1, 2))
+    lengths = jnp.array([128, 50, 9, 1], jnp.int32)
+    expected = jax.jit(KERNELS["splash"])(q, k, v, lengths)
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, "tensor"))
+    args = [jax.device_put(x, spread) for x in (q, k, v)] + [
+        jax.device_put(lengths, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))]
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(KERNELS["splash"]).lower(*args)
+        got = lowered.compile()(*args)
+    assert "manual_computation" in lowered.as_text()  # the shard_map
+    np.testing.assert_allclose(got, expected, atol=1e-6)
