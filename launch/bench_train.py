@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from bench_model import BENCH_CONFIG, _matmul_flops_per_s
-from searcher_jax.model.config import ModelConfig
+from searcher_jax.model.config import ATTENTION_CHOICES, ModelConfig
 from searcher_jax.model.decoder import Decoder
 from searcher_jax.rl import train_step
 from searcher_jax.rl.batch import RolloutBatch
@@ -142,7 +142,7 @@ def add_args(parser: argparse.ArgumentParser):
     parser.add_argument("--micro", type=int, default=8)
     parser.add_argument("--scan", action="store_true", help="stacked layers under lax.scan")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--attention", default="auto", choices=["auto", "dense", "blockwise"],
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                         help="ours' attention over whole rows (model/attention.py)")
     parser.add_argument("--length_mix", action="store_true",
                         help="rows of 64 to --seq tokens; adds ours with length-aware micro-batches")

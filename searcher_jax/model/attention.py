@@ -1,23 +1,30 @@
-"""Causal grouped-query attention over whole rows (training, reference log-probs), two ways.
+"""Causal grouped-query attention over whole rows (training, reference log-probs).
 
-The XLA path (`dense`) forms the [rows, kv_heads, T, group, T] fp32 scores at once; at
-4,096 tokens per row they are most of a 7B train step's temporaries (the README's TPU
-memory plans). The `blockwise` path never forms them: it visits the keys in blocks of
-`block` with an online softmax (FlashAttention, Dao et al. 2022, arXiv 2205.14135,
-Algorithm 1), keeping per query only the running max, the running sum and the
-weighted values, and its custom backward recomputes each block's probabilities from the
-saved log-sum-exp (Algorithm 2 of FlashAttention-2, arXiv 2307.08691), so the backward
-stores no scores either. Temporaries fall from O(T^2) to O(T * block) per head.
+Four paths, picked by ModelConfig.attention (`resolve`):
+  dense      XLA; forms the [rows, kv_heads, T, group, T] fp32 scores at once. At 4,096
+             tokens per row they are most of a 7B train step's temporaries (the README's
+             TPU memory plans).
+  blockwise  pure jnp; never forms them. It visits the keys in blocks of `block` with an
+             online softmax (FlashAttention, Dao et al. 2022, arXiv 2205.14135, Algorithm
+             1), keeping per query only the running max, the running sum and the weighted
+             values, and its custom backward recomputes each block's probabilities from the
+             saved log-sum-exp (Algorithm 2 of FlashAttention-2, arXiv 2307.08691), so the
+             backward stores no scores either: temporaries fall from O(T^2) to O(T * block)
+             per head. Runs on every platform and under GSPMD sharding.
+  splash     TPU's fused Pallas kernel (model/attention_kernels.py); on CPU the Pallas
+             interpreter runs it (slow: for parity checks).
+  cudnn      GPU's fused cuDNN flash attention via jax.nn.dot_product_attention
+             (model/attention_kernels.py); bfloat16 or float16 only.
+"auto" is `dense` on CPU (faster there at the demo's lengths, and what the benchmarks
+measured), `splash` on TPU, `cudnn` on GPU for bfloat16 models and `blockwise` for fp32
+ones.
 
-Both take the same masking: a query at position i attends keys j <= i with j < length of
-its row; keys masked out get the lowest float32 score, so a query with every key masked
-(a row of length 0) averages the row's T values in both paths, forward and backward. The
+Masking: a query at position i attends keys j <= i with j < the length of its row.
+dense and blockwise give keys masked out the lowest float32 score, so a query with every
+key masked (a row of length 0) averages the row's T values, forward and backward; the
 blockwise path's padding keys (T rounded up to whole blocks) get -inf: they never count.
-Pure jnp and lax, so it runs on every platform and under GSPMD sharding; on TPU and GPU the vendors' fused kernels (splash, cuDNN) would be
-faster, this one is about memory.
-
-ModelConfig.attention picks the path: "auto" is `dense` on CPU (faster there at the demo's
-lengths, and what the benchmarks measured) and `blockwise` elsewhere.
+The fused kernels match both at every position of rows of length >= 1 and treat a row of
+length 0 as of length 1 (attention_kernels.py); such a row is outside every loss.
 """
 from __future__ import annotations
 
@@ -28,18 +35,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from searcher_jax.model import attention_kernels
 from searcher_jax.model.config import ATTENTION_CHOICES
 
 _MASKED = float(np.finfo(np.float32).min)
+# Platforms (jax.default_backend()'s names) each fused kernel runs on.
+_KERNEL_PLATFORMS = {"splash": ("tpu", "cpu"), "cudnn": ("gpu",)}
 
 
-def resolve(choice: str, platform: str) -> str:
-    """The path "auto" stands for on `platform` (jax.default_backend()'s names)."""
+def resolve(choice: str, platform: str, dtype: str = "bfloat16") -> str:
+    """The path `choice` means for a `dtype` model on `platform` (jax.default_backend()'s
+    names): "auto" resolved, any other choice checked. Raises ValueError for an unknown
+    choice or a fused kernel asked for on a platform without it."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"unknown attention {choice!r}; one of {ATTENTION_CHOICES}")
-    if choice != "auto":
-        return choice
-    return "dense" if platform == "cpu" else "blockwise"
+    if choice == "auto":
+        if platform == "gpu":
+            return "cudnn" if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
+        return {"cpu": "dense", "tpu": "splash"}.get(platform, "blockwise")
+    if platform not in _KERNEL_PLATFORMS.get(choice, (platform,)):
+        raise ValueError(f"attention {choice!r} runs on {' or '.join(_KERNEL_PLATFORMS[choice])}, "
+                         f"not on this {platform!r} platform; use 'auto', 'dense' or 'blockwise'")
+    return choice
+
+
+def current_platform() -> str:
+    """The platform a program being traced is for: the mesh's set with jax.set_mesh (a TPU
+    slice's when memory_plan.py compiles for one on a CPU host), else this host's backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+def attend(q, k, v, lengths, choice: str, block: int):
+    """q [B,T,N,D], k and v [B,T,K,D], lengths [B] int32 or None -> [B,T,N,D] in v's dtype.
+
+    N query heads over K kv heads (N a multiple of K). `choice` is a resolved path (see
+    `resolve`); `block` is the blockwise path's keys per block and splash's tile bound.
+    """
+    if choice == "splash":
+        return attention_kernels.splash_attention(q, k, v, lengths, block,
+                                                  interpret=current_platform() != "tpu")
+    if choice == "cudnn":
+        return attention_kernels.cudnn_attention(q, k, v, lengths)
+    # The 5-D [B,K,T,G,D] form: a 4-D one raised Qwen2.5-7B's v5p-32 train-phase peak from
+    # 23.4 to 26.3 GiB (memory_plan).
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, d).transpose(0, 2, 1, 3, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    out = causal_attention(q, k, v, lengths, choice, block)
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
 
 
 def causal_attention(q, k, v, lengths, choice: str, block: int):

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_CHOICES = ("auto", "dense", "blockwise")
+ATTENTION_CHOICES = ("auto", "dense", "blockwise", "splash", "cudnn")
 
 _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
@@ -53,9 +53,11 @@ class ModelConfig:
     scan_layers: bool = False  # Stacked layers under lax.scan, or one module per layer.
     remat: bool = False  # Recompute each layer's activations in the backward pass.
     # Attention over whole rows (training, reference log-probs; model/attention.py):
-    # "dense" forms the [T, T] scores, "blockwise" never does, "auto" is dense on CPU only.
+    # "dense" forms the [T, T] scores; "blockwise" (jnp), "splash" (TPU kernel) and "cudnn"
+    # (GPU kernel) never do. "auto": dense on CPU, splash on TPU, cudnn on GPU (blockwise
+    # for fp32 there).
     attention: str = "auto"
-    attention_block: int = 512  # keys per block of the blockwise path
+    attention_block: int = 512  # keys per block of blockwise; splash's tile bound
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -103,16 +103,10 @@ def attend_cached(q, k, v, mask):
 
 def attend_rows(q, k, v, lengths, config: ModelConfig):
     """Causal attention over whole rows (no cache). q [B,T,N,D], k and v [B,T,K,D],
-    lengths [B] -> [B,T,N,D]; config.attention picks the path (model/attention.py). The
-    5-D [B,K,T,G,D] form: a 4-D one raised Qwen2.5-7B's v5p-32 train-phase peak from 23.4
-    to 26.3 GiB (memory_plan)."""
-    b, t, n, d = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, d).transpose(0, 2, 1, 3, 4)  # [B,K,T,G,D]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                    # [B,K,T,D]
-    choice = attention.resolve(config.attention, jax.default_backend())
-    out = attention.causal_attention(q, k, v, lengths, choice, config.attention_block)
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
+    lengths [B] -> [B,T,N,D]; config.attention picks the path for the platform being traced
+    for (model/attention.py)."""
+    choice = attention.resolve(config.attention, attention.current_platform(), config.dtype)
+    return attention.attend(q, k, v, lengths, choice, config.attention_block)
 
 
 class Attention(nnx.Module):

@@ -223,9 +223,11 @@ def memory_plan(spec: PlanSpec) -> dict[str, Any]:
 def _memory_plan(spec: PlanSpec) -> dict[str, Any]:
     devices = topology_devices(spec.topology)
     mesh = sharding.make_mesh(dict(spec.mesh_shape), devices=devices)
-    # "auto" attention means the TPU's path here, not this host's (model/attention.py).
-    model_config = dataclasses.replace(
-        spec.model, attention=attention.resolve(spec.model.attention, devices[0].platform))
+    # "auto" attention means the TPU's path here (splash), not this host's; the train step
+    # and log-prob programs trace under the mesh, so the decoder sees the TPU platform too
+    # and runs the splash kernel in a shard_map (model/attention.py, train_step.py).
+    model_config = dataclasses.replace(spec.model, attention=attention.resolve(
+        spec.model.attention, devices[0].platform, spec.model.dtype))
     abstract_model = nnx.eval_shape(lambda: Decoder(model_config, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(abstract_model)
     compute_dtype = jnp.dtype(spec.model.dtype)

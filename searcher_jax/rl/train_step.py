@@ -26,6 +26,7 @@ Params and Adam state are fp32; the model computes in its config's dtype.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -104,6 +105,21 @@ def with_shardings(tree, shardings):
 def batch_shardings(batch: RolloutBatch, mesh: Mesh) -> RolloutBatch:
     """Rows over (data, fsdp), everything else replicated."""
     return jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim), batch)
+
+
+def _traced_under(mesh: Mesh | None, fn):
+    """fn, traced with `mesh` as the context mesh: the decoder reads its platform to pick
+    attention (a TPU slice's when memory_plan.py compiles for one on a CPU host), and the
+    splash kernel, which GSPMD cannot partition, runs in a shard_map over it
+    (model/attention_kernels.py)."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+    return traced
 
 
 def _constrain_rows(x, mesh: Mesh | None, row_axis: int):
@@ -336,7 +352,7 @@ def build_train_step(graphdef, config: RLConfig, mesh: Mesh | None = None, param
         metrics["total_skipped"] = state.skipped.astype(jnp.float32)
         return state, metrics
 
-    return step
+    return _traced_under(mesh, step)
 
 
 def make_train_step(graphdef, abstract_state: TrainState, config: RLConfig,
@@ -413,4 +429,5 @@ def make_logprob_fn(graphdef, config: RLConfig, abstract_params=None, mesh: Mesh
         return jax.jit(fn)
     params_shardings = sharding.state_shardings(abstract_params, mesh, rules)
     rows = sharding.batch_sharding(mesh, 2)
-    return jax.jit(fn, in_shardings=(params_shardings, rows), out_shardings=rows)
+    return jax.jit(_traced_under(mesh, fn), in_shardings=(params_shardings, rows),
+                   out_shardings=rows)

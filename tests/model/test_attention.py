@@ -1,12 +1,16 @@
-"""The blockwise attention path (model/attention.py): the same logits as transformers and as
-the dense path, the same gradients, and no [T, T] buffer."""
+"""The attention paths (model/attention.py): blockwise gives the same logits as transformers
+and as the dense path, the same gradients, and no [T, T] buffer; the fused kernels'
+plumbing (TPU splash in the Pallas interpreter, the cuDNN call run by XLA) gives the dense
+path's outputs and gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from searcher_jax.model import attention, hf_io
+from searcher_jax.model import attention, attention_kernels, hf_io, sharding
 from tests.model.conftest import max_valid_diff, torch_logits
 
 
@@ -74,12 +78,22 @@ def test_blockwise_attention_keeps_no_t_by_t_buffer():
     assert blockwise[2048] < dense[2048] / 6, (dense, blockwise)
 
 
-def test_auto_is_dense_on_cpu_only_and_bad_choices_are_named():
+def test_auto_follows_the_platform_and_bad_choices_are_named():
     assert attention.resolve("auto", "cpu") == "dense"
-    assert attention.resolve("auto", "tpu") == "blockwise" == attention.resolve("auto", "gpu")
+    assert attention.resolve("auto", "tpu") == "splash"
+    assert attention.resolve("auto", "gpu", "bfloat16") == "cudnn"
+    assert attention.resolve("auto", "gpu", "float32") == "blockwise"  # cuDNN has no fp32
     assert attention.resolve("dense", "tpu") == "dense"
+    assert attention.resolve("splash", "cpu") == "splash"  # the Pallas interpreter
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         attention.resolve("flash", "cpu")
+    with pytest.raises(ValueError, match="'cudnn' runs on gpu, not on this 'cpu' platform"):
+        attention.resolve("cudnn", "cpu")
+    with pytest.raises(ValueError, match="'splash' runs on tpu or cpu, not on this 'gpu'"):
+        attention.resolve("splash", "gpu")
+    x = jnp.zeros((1, 8, 2, 16), jnp.float32)
+    with pytest.raises(ValueError, match="'cudnn' takes bfloat16 or float16 .* got float32"):
+        attention_kernels.cudnn_attention(x, x, x, None)
 
 
 def test_empty_rows_and_padded_blocks_match_the_dense_path():
@@ -102,3 +116,95 @@ def test_empty_rows_and_padded_blocks_match_the_dense_path():
     np.testing.assert_allclose(blockwise, dense, atol=1e-5)
     for a, b_ in zip(dense_grads, blockwise_grads):
         np.testing.assert_allclose(b_, a, atol=1e-5 * float(np.abs(a).max()))
+
+
+_XLA_DOT_PRODUCT = functools.partial(attention_kernels.cudnn_attention, implementation="xla")
+# The fused kernels' calls, each as it runs on this CPU: splash in the Pallas interpreter,
+# cuDNN's jax.nn.dot_product_attention call with XLA's implementation.
+KERNELS = {
+    "splash": lambda q, k, v, lengths: attention_kernels.splash_attention(
+        q, k, v, lengths, block=512, interpret=True),
+    "cudnn_call": lambda q, k, v, lengths: _XLA_DOT_PRODUCT(q, k, v, lengths),
+}
+
+
+def _outputs_and_gradients(fn, q, k, v, lengths, weights):
+    """fn's outputs, and its gradients wrt q, k, v of a weighted sum over the valid positions."""
+    valid = (jnp.arange(q.shape[1])[None] < lengths[:, None])[..., None, None]
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.where(valid, fn(q, k, v, lengths) * weights, 0.0))
+    return jax.jit(fn)(q, k, v, lengths), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.fixture(scope="module")
+def gqa_batch():
+    """GQA (4 query heads over 2 kv heads), T = 200, rows of length 200, 73, 3 and 0, and the
+    dense path's outputs and gradients on it."""
+    b, t, n, kv, d = 4, 200, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    inputs = (jax.random.normal(keys[0], (b, t, n, d)),
+              *(jax.random.normal(keys[i], (b, t, kv, d)) for i in (1, 2)),
+              jnp.array([t, 73, 3, 0], jnp.int32), jax.random.normal(keys[3], (b, t, n, d)))
+    dense = _outputs_and_gradients(
+        lambda q, k, v, lengths: attention.attend(q, k, v, lengths, "dense", 512), *inputs)
+    return inputs, dense
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_fused_kernels_give_the_dense_paths_outputs_and_gradients(gqa_batch, kernel):
+    """On gqa_batch (splash pads T = 200 to 256 and tiles it by 256): outputs at every
+    position of the rows of length >= 1 within 1e-5 (padded positions included: both attend
+    the row's valid keys); the row of length 0 is attended as of length 1 (each query gets
+    key 0's value). Gradients wrt q, k and v of a loss over the valid positions: relative
+    1e-4."""
+    inputs, (expected, expected_grads) = gqa_batch
+    got, got_grads = _outputs_and_gradients(KERNELS[kernel], *inputs)
+    v, t, group = inputs[2], got.shape[1], got.shape[2] // inputs[2].shape[2]
+    np.testing.assert_allclose(got[:3], expected[:3], atol=1e-5)
+    np.testing.assert_allclose(got[3], jnp.repeat(v[3, :1], group, axis=1).repeat(t, 0),
+                               atol=1e-6)
+    for name, a, b in zip("qkv", expected_grads, got_grads):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-4 * np.abs(a).max(), name
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "scan"])
+@pytest.mark.parametrize("choice", ["splash", "cudnn"])
+def test_fused_kernels_in_the_decoder_give_the_dense_logits(hf_models, padded_batch, monkeypatch,
+                                                            choice, scan_layers):
+    """Qwen2's tiny model (GQA, 4 heads over 2 kv heads, rows of 40, 25 and 7 tokens) with
+    model.attention set to the kernel, both layer layouts: the valid positions' logits
+    within 1e-4 of the dense path's. cudnn runs as on a GPU but with XLA's implementation."""
+    if choice == "cudnn":
+        monkeypatch.setattr(attention, "current_platform", lambda: "gpu")
+        monkeypatch.setattr(attention_kernels, "cudnn_attention", _XLA_DOT_PRODUCT)
+    directory, _ = hf_models["qwen2"]
+    tokens, lengths = map(jnp.asarray, padded_batch)
+
+    def logits(name):
+        model = hf_io.load_pretrained(directory, scan_layers=scan_layers, attention=name,
+                                      attention_block=128)
+        graphdef, params = nnx.split(model)
+        return np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, lengths))(params))
+
+    assert max_valid_diff(logits(choice), logits("dense"), np.asarray(lengths)) < 1e-4
+
+
+def test_splash_under_a_mesh_runs_per_shard_with_the_same_outputs():
+    """Under a 2 x 2 mesh (jax.set_mesh, as the sharded train step traces) splash runs in a
+    shard_map over rows (fsdp) and kv heads (tensor): the same outputs as on one device."""
+    b, t, n, kv, d = 4, 128, 4, 2, 16
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (b, t, n, d))
+    k, v = (jax.random.normal(keys[i], (b, t, kv, d)) for i in (1, 2))
+    lengths = jnp.array([128, 50, 9, 1], jnp.int32)
+    expected = jax.jit(KERNELS["splash"])(q, k, v, lengths)
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
+    spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, "tensor"))
+    args = [jax.device_put(x, spread) for x in (q, k, v)] + [
+        jax.device_put(lengths, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))]
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(KERNELS["splash"]).lower(*args)
+        got = lowered.compile()(*args)
+    assert "manual_computation" in lowered.as_text()  # the shard_map
+    np.testing.assert_allclose(got, expected, atol=1e-6)

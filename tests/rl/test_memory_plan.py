@@ -32,7 +32,7 @@ def plan(reference_dir):
 def test_plan_counts_every_buffer(plan):
     spec, result = plan
     assert result["device_kind"] == "TPU v5 lite" and result["num_devices"] == 4
-    assert result["attention"] == "blockwise"   # "auto" resolved for the TPU, not this host
+    assert result["attention"] == "splash"   # "auto" resolved for the TPU, not this host
     assert result["errors"] == {}
     assert result["hbm_bytes"] == 16 * GIB
     resident, programs = result["resident"], result["programs"]
