@@ -92,14 +92,13 @@ def run(args) -> dict:
             row = {"delay_ms": delay}
             outputs = {}
             for name, rollout_cfg in schedules.items():
-                for attempt in range(2):  # the first compiles
+                for _ in range(args.runs):  # the last is timed; the first compiles
                     sampler = CountingSampler(parts.sampler)
                     compiled = parts.sampler.num_compiled
                     start = time.perf_counter()
                     out = rollout(sampler, parts.tokenizer, retriever, prompt_ids, rollout_cfg,
                                   jax.random.key(0), eos_ids=parts.eos_ids)
                     seconds = time.perf_counter() - start
-                del attempt
                 outputs[name] = out
                 row[name] = {"seconds": seconds,
                              "slot_utilisation": out.metrics()["slot_utilisation"],
@@ -135,6 +134,8 @@ def add_args(parser: argparse.ArgumentParser):
     parser.add_argument("--delays_ms", default="0,50,200",
                         help="latency the server adds to each call, comma separated")
     parser.add_argument("--max_len", type=int, default=0, help="the sampler's buffer; 0: the demo's")
+    parser.add_argument("--runs", type=int, default=2,
+                        help="runs of each schedule per delay, the last timed (1: time the compile)")
 
 
 def main(argv=None):

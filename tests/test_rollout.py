@@ -294,9 +294,10 @@ def test_the_continuous_schedule_gives_the_barrier_trajectories(world, trajector
     different calls, search on a host thread while the others decode, resume at a later call
     than their neighbours, and a slot whose row ended takes the next prompt; the trajectories
     are the barrier schedule's (all 12 rows in one round-by-round call). The log-probs agree
-    to 1e-6, not bit for bit: a decode call attends a window sized by the longest row decoded
-    beside it, and XLA's softmax and value sums round differently over a longer window of
-    masked keys (the test below fixes the window and gets every bit)."""
+    to a few 1e-6, not bit for bit: a decode call attends a window sized by the longest row
+    decoded beside it, and the last rows decode in fewer slots (compaction), so XLA's softmax,
+    value sums and matmuls reduce in other orders. With the window fixed and no compaction
+    they agreed bit for bit (measured; see the README)."""
     barrier, barrier_calls = trajectories
     recorder = RecordingRetriever(world["retriever"])
     out = world["run"](world["sampler"], recorder, CONTINUOUS, jax.random.key(0))
@@ -309,41 +310,33 @@ def test_the_continuous_schedule_gives_the_barrier_trajectories(world, trajector
     assert sorted(q for queries, _ in recorder.calls for q in queries) == sorted(
         q for row in barrier.queries for q in row)
     utilisation = out.metrics()["slot_utilisation"]
-    assert 0 < utilisation <= 1 and out.decode_slot_steps % 4 == 0
-
-
-def test_at_a_fixed_attend_window_both_schedules_agree_bit_for_bit(world):
-    sampler = world["make_sampler"](min_attend_bucket=768)
-    barrier = world["run"](sampler, world["retriever"],
-                           rollout_lib.RolloutConfig(max_retrievals=3, top_k=3),
-                           jax.random.key(0))
-    out = world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(0))
-    _same_trajectories(out, barrier)
-    # Prompts and documents were written for a few rows at a time (extend_rows), not all 4.
-    assert sampler.traces["extend_rows"] >= 1 and sampler.traces["reset"] == 1
+    assert 0 < utilisation <= 1
+    assert world["sampler"].traces["reset"] >= 1  # freed slots took the next prompts
 
 
 def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
-    """24 trajectories (6 waves through 4 slots) compile no more programs than the sampler's
-    buckets allow, a number set by its config alone: decode at each attend window, extend at
-    each chunk x attend window x row count, and window, finish and reset once."""
+    """24 trajectories (6 waves through 4 slots), then 24 more, compile no more programs than
+    the sampler's buckets allow, a number set by its config and the slots alone: for each
+    state size (4 slots, and 2 and 1 once the last rows are compacted), decode at each attend
+    window, extend at each chunk x attend window x row count, window and finish; reset once
+    and compact once per pair of sizes."""
     sampler = world["make_sampler"]()
     config = sampler.config
-    out = world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(1),
-                       prompt_ids=world["prompt_ids"] * 2)
-    assert len(out.end_reasons) == 24 and None not in out.end_reasons
     reach = range(1, config.max_len + 1)
     attend = {sampling.attend_bucket(n, config.min_attend_bucket, config.max_len) for n in reach}
     extend_attend = {sampling.power_of_two_bucket(n, config.min_attend_bucket, config.max_len)
                      for n in reach}
     chunks = {sampling.extend_chunk(n, config.min_extend_bucket, config.max_extend_chunk)
               for n in reach}
-    row_counts = {1, 2, 4}  # powers of two from max(4 // 8, 1) up to the 4 slots
-    bound = len(attend) + len(chunks) * len(extend_attend) * len(row_counts) + 3
-    assert sampler.num_compiled <= bound, sampler.traces
-    print(f"compiled {sampler.num_compiled} programs ({dict(sampler.traces)}), bound {bound}")
-    # Another 24 trajectories meet shapes of the same sets: still within the bound.
-    world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(2),
-                 prompt_ids=world["prompt_ids"] * 2)
-    assert sampler.num_compiled <= bound, sampler.traces
-    print(f"after 48 trajectories: {sampler.num_compiled} programs")
+    sizes = (4, 2, 1)
+    row_counts = {size: {n for n in (1, 2, 4) if n <= size} for size in sizes}
+    bound = sum(len(attend) + len(chunks) * len(extend_attend) * len(row_counts[size]) + 2
+                for size in sizes) + 1 + 3
+    for key in (1, 2):
+        out = world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(key),
+                           prompt_ids=world["prompt_ids"] * 2)
+        assert len(out.end_reasons) == 24 and None not in out.end_reasons
+        assert sampler.num_compiled <= bound, sampler.traces
+        print(f"after {24 * key} trajectories: {sampler.num_compiled} programs "
+              f"({dict(sampler.traces)}), bound {bound}")
+    assert sampler.traces["compact"] >= 1  # the last rows did move into fewer slots
