@@ -7,6 +7,7 @@ jax.distributed.initialize.
 from __future__ import annotations
 
 import importlib
+import logging
 import pathlib
 from typing import Sequence
 
@@ -18,6 +19,9 @@ STOPWORDS = "en"
 
 
 def _bm25s():
+    # bm25s logs "The query is empty" at INFO for each such query: expected, and handled in
+    # BM25Index.search, so it is not news in a run's log.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
     return importlib.import_module("bm25s")
 
 
