@@ -11,7 +11,7 @@
     it (that window is cut out of the cache: a copy), `extend` of one
     max_extend_chunk (a prefill or a document insert) attending the whole cache,
     and the continuous schedule's `extend_rows` (an eighth of the rows) and
-    `compact` (the last rows into half the slots),
+    `compact` (the last rows into half the slots, or the largest fraction the rollout uses),
 and reads XLA's per-device memory analysis of each. Resident buffers
 (params, optimizer state, reference params, sampling copy, KV cache) are
 also counted exactly from their shard shapes, so the plan says what each
@@ -137,6 +137,16 @@ def largest_window(config: sampler_lib.SamplerConfig) -> int | None:
     return max(below) if below else None
 
 
+def largest_compaction(slots: int, shards: int) -> int | None:
+    """The most slots the continuous rollout compacts `slots` into: slots / 2, / 4 or / 8, the
+    first that the row shards divide (continuous_rollout._compacted_size); None when none is
+    (Llama's 260 rows over fsdp 4: that rollout never compacts)."""
+    for fraction in (2, 4, 8):
+        if slots % fraction == 0 and (slots // fraction) % shards == 0:
+            return slots // fraction
+    return None
+
+
 def _sampler_programs(spec: PlanSpec, model_config: ModelConfig, mesh: Mesh):
     """Lowers the sampler's jitted programs as the rollout calls them, on abstract inputs.
 
@@ -182,10 +192,10 @@ def _sampler_programs(spec: PlanSpec, model_config: ModelConfig, mesh: Mesh):
         jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=state_shardings.cursor),
         attend_len=spec.sample_len)
     # The continuous schedule's programs: documents written for an eighth of the rows
-    # (gathered, extended, scattered back), and the last rows moved into half the slots (the
-    # smaller state is not donated: both are live while it copies).
+    # (gathered, extended, scattered back), and the last rows moved into the most slots the
+    # rollout compacts into (the smaller state is not donated: both are live while it copies).
     replicated = NamedSharding(mesh, PartitionSpec())
-    part, half = max(rows // 8, 1), max(rows // 2, 1)
+    part = max(rows // 8, 1)
     extend_rows = jax.jit(sampler_lib.extend_rows, static_argnames=("attend_len",),
                           donate_argnums=(2,), out_shardings=state_shardings)
     lowered["extend_rows"] = extend_rows.lower(
@@ -193,9 +203,12 @@ def _sampler_programs(spec: PlanSpec, model_config: ModelConfig, mesh: Mesh):
         jax.ShapeDtypeStruct((part, chunk), jnp.int32, sharding=replicated),
         jax.ShapeDtypeStruct((part,), jnp.int32, sharding=replicated),
         attend_len=spec.sample_len)
-    lowered["compact"] = jax.jit(sampler_lib.compact_rows, out_shardings=state_shardings).lower(
-        *args, jax.ShapeDtypeStruct((half,), jnp.int32, sharding=replicated),
-        jax.ShapeDtypeStruct((half,), jnp.bool_, sharding=replicated))
+    half = largest_compaction(rows, mesh.shape["data"] * mesh.shape["fsdp"])
+    if half is not None:
+        lowered["compact"] = jax.jit(sampler_lib.compact_rows,
+                                     out_shardings=state_shardings).lower(
+            *args, jax.ShapeDtypeStruct((half,), jnp.int32, sharding=replicated),
+            jax.ShapeDtypeStruct((half,), jnp.bool_, sharding=replicated))
     resident = {"sampling_params": shard_bytes(params, params_shardings),
                 "kv_cache": shard_bytes(state.cache, state_shardings.cache),
                 "stop_table": sum(x.size * x.dtype.itemsize for x in stop_table.values())}

@@ -190,21 +190,36 @@ def test_fused_kernels_in_the_decoder_give_the_dense_logits(hf_models, padded_ba
     assert max_valid_diff(logits(choice), logits("dense"), np.asarray(lengths)) < 1e-4
 
 
-def test_splash_under_a_mesh_runs_per_shard_with_the_same_outputs():
-    """Under a 2 x 2 mesh (jax.set_mesh, as the sharded train step traces) splash runs in a
-    shard_map over rows (fsdp) and kv heads (tensor): the same outputs as on one device."""
+@pytest.mark.parametrize("tensor", [2, 4], ids=["kv_heads_split", "kv_heads_repeated"])
+def test_splash_under_a_mesh_runs_per_shard_with_the_same_outputs(tensor):
+    """Under an fsdp 2 x tensor mesh (jax.set_mesh, as the sharded train step traces) splash
+    runs in a shard_map over rows (fsdp) and query heads (tensor): 4 query heads over 2 kv
+    heads split 2 ways as they are, and 4 ways with each kv head repeated twice (Llama's 8
+    over 16), each shard then holding one query head, not all 4. The same outputs as on one
+    device; over 4 ways, the same gradients too (the repeat's backward sums the copies)."""
     b, t, n, kv, d = 4, 128, 4, 2, 16
-    keys = jax.random.split(jax.random.key(2), 3)
+    keys = jax.random.split(jax.random.key(2), 4)
     q = jax.random.normal(keys[0], (b, t, n, d))
     k, v = (jax.random.normal(keys[i], (b, t, kv, d)) for i in (1, 2))
+    weights = jax.random.normal(keys[3], (b, t, n, d))
     lengths = jnp.array([128, 50, 9, 1], jnp.int32)
-    expected = jax.jit(KERNELS["splash"])(q, k, v, lengths)
-    mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2}, devices=jax.devices()[:4])
-    spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, "tensor"))
-    args = [jax.device_put(x, spread) for x in (q, k, v)] + [
-        jax.device_put(lengths, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))]
+    splash = KERNELS["splash"]
+    mesh = sharding.make_mesh({"fsdp": 2, "tensor": tensor}, devices=jax.devices()[:2 * tensor])
+    heads = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", None, "tensor"))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+    args = [jax.device_put(q, heads)] + [jax.device_put(x, heads if kv % tensor == 0 else rows)
+                                         for x in (k, v)] + [jax.device_put(lengths, rows)]
     with jax.set_mesh(mesh):
-        lowered = jax.jit(KERNELS["splash"]).lower(*args)
-        got = lowered.compile()(*args)
-    assert "manual_computation" in lowered.as_text()  # the shard_map
-    np.testing.assert_allclose(got, expected, atol=1e-6)
+        lowered = jax.jit(splash).lower(*args)
+    text = lowered.as_text()
+    assert "manual_computation" in text  # the shard_map
+    # One shard's q, heads first and scaled: [rows / 2, heads / tensor, T, D].
+    assert f"tensor<{b // 2}x{n // tensor}x{t}x{d}xf32>" in text
+    np.testing.assert_allclose(lowered.compile()(*args), jax.jit(splash)(q, k, v, lengths),
+                               atol=1e-6)
+    if tensor == 4:
+        expected = _outputs_and_gradients(splash, q, k, v, lengths, weights)[1]
+        with jax.set_mesh(mesh):
+            _, got = _outputs_and_gradients(splash, *args, weights)
+        for name, a, b_ in zip("qkv", expected, got):
+            np.testing.assert_allclose(b_, a, atol=1e-6 * float(np.abs(a).max()), err_msg=name)

@@ -8,6 +8,7 @@ import json
 import jax
 import pytest
 
+from searcher_jax import continuous_rollout
 from searcher_jax.model.config import ModelConfig
 from searcher_jax.rl import memory_plan
 from searcher_jax.rl.config import RLConfig
@@ -105,3 +106,14 @@ def test_shard_bytes_counts_one_devices_share():
     assert memory_plan.shard_bytes(arrays, shardings) == 3 * 3 * 4 + 2 * 2 + 5 * 4
     with pytest.raises(ValueError, match="3 arrays but 2 shardings"):
         memory_plan.shard_bytes(arrays, shardings[:2])
+
+
+@pytest.mark.parametrize("slots,shards,expected", [(512, 8, 256), (40, 4, 20), (24, 4, 12),
+                                                   (24, 8, None), (260, 4, None), (64, 16, 32)])
+def test_largest_compaction_is_the_rollouts_largest(slots, shards, expected):
+    """The compaction the plan compiles is the largest the continuous rollout makes of
+    `slots` over `shards` row shards (None: it never compacts, as Llama's 260 rows over 4)."""
+    assert memory_plan.largest_compaction(slots, shards) == expected
+    sizes = {continuous_rollout._compacted_size(held, slots, slots, shards)  # pylint: disable=protected-access
+             for held in range(1, slots + 1)} - {slots}
+    assert max(sizes, default=None) == expected
