@@ -91,9 +91,14 @@ def fill(draw: Callable[[], Draw], mode: str, n: int, max_draws: int) -> Filled:
 
 def _gather(parts: list, picks: list[tuple[int, int]], n: int):
     """The rows of the groups `picks` ((part, group) pairs) of the dataclasses `parts`, in
-    order, as one dataclass of their type; [B, T] arrays are right padded to the widest."""
+    order, as one dataclass of their type; [B, T] arrays are right padded to the widest. An
+    int field is a total over the batch (Trajectories.decode_slot_steps): the parts' sum,
+    the work every draw took."""
     values = {}
     for field in dataclasses.fields(parts[0]):
+        if isinstance(getattr(parts[0], field.name), int):
+            values[field.name] = sum(getattr(part, field.name) for part in parts)
+            continue
         pieces = [getattr(parts[d], field.name)[g * n:(g + 1) * n] for d, g in picks]
         if isinstance(pieces[0], np.ndarray):
             if pieces[0].ndim == 2:

@@ -17,10 +17,12 @@ N = 4  # samples per prompt
 
 @dataclasses.dataclass(frozen=True)
 class Rows:
-    """A stand-in for rollout.Trajectories: per-row arrays of two ranks and a list."""
+    """A stand-in for rollout.Trajectories: per-row arrays of two ranks and a list, and a
+    batch total (as decode_slot_steps)."""
     tokens: np.ndarray  # [B, T]
     ids: np.ndarray  # [B]
     texts: list
+    work: int = 0
 
 
 def _draws(group_rewards, widths):
@@ -34,7 +36,7 @@ def _draws(group_rewards, widths):
         ids = np.asarray([100 * k + 10 * p + s for p in range(len(groups)) for s in range(N)])
         scripted.append(dynamic_sampling.Draw(
             Rows(tokens=np.repeat(ids[:, None], width, axis=1).astype(np.int32) + 1, ids=ids,
-                 texts=[f"row {i}" for i in ids]), values))
+                 texts=[f"row {i}" for i in ids], work=1000 * (k + 1)), values))
     calls = []
 
     def draw():
@@ -77,6 +79,7 @@ def test_refill_replaces_tied_prompts_with_untied_ones_of_later_draws():
     want = [base + s for base in (0, 20, 110, 120) for s in range(N)]
     assert filled.rows.ids.tolist() == want
     assert filled.rows.texts == [f"row {i}" for i in want]
+    assert filled.rows.work == 1000 + 2000  # both draws' work
     assert filled.rows.tokens.shape == (4 * N, 9)  # the widest draw; narrower rows padded with 0
     assert np.array_equal(filled.rows.tokens[:, 0], np.asarray(want) + 1)
     assert np.all(filled.rows.tokens[:2 * N, 6:] == 0) and np.all(filled.rows.tokens[2 * N:] > 0)
