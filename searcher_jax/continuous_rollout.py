@@ -6,22 +6,28 @@
 Under the barrier schedule (`rollout.py`) a row that wrote its query early waits for the
 slowest row of its round, the device waits for the retriever, and a row that ended keeps its
 slot until the whole group ends. Here the sampler holds `slots` rows and decodes at most
-`decode_steps` tokens per call; at each boundary:
+`decode_steps` tokens per call, ending a call early once an eighth of its rows have stopped
+(so a stopped row waits a few steps, not a segment); at each boundary:
 
 1. rows that stopped are read: a row that ends frees its slot; the queries of the rows that
    paused at `<|end_of_query|>` go to the retriever as one call on a host thread, so the
    search overlaps the next decode calls of the rows still running;
 2. every search call that has returned is collected (its rows' documents), and the next
    prompts take the free slots;
-3. one `extend` writes those documents and prompts, and the rows resume at the next call.
-   When no row is left running and nothing has returned, the host waits for the first call.
+3. one `extend` writes those documents and prompts, and the rows resume at the next call;
+   when at most half the rows get tokens, only those are computed (`extend_rows`). When no
+   row is left running and nothing has returned, the host waits for the first call;
+4. once no prompt is left, the remaining rows move into half, a quarter or an eighth of
+   the slots (`compact`), so the rollout's last rows do not decode in every slot.
 
 The KV cache is kept across searches (nothing is re-encoded), as in the barrier schedule.
 A row's tokens depend only on the key, its global row id and its own tokens
 (`select.row_keys`), and a row's segments, searches and inserts go through the same
-`rollout_rows.Row` as the barrier schedule's, so both give the same trajectories. The
-compiled programs are the sampler's usual few: decode at its attend buckets, extend at its
-chunk buckets, reset and finish.
+`rollout_rows.Row` as the barrier schedule's, so both give the same tokens. (The log-probs
+agree to a few 1e-6: a call's attend window and row count depend on the rows beside it.)
+The compiled programs are a fixed set, whatever the number of trajectories: for each state
+size, decode at the attend buckets and extend at the chunk buckets and row counts; reset
+and compact.
 
 On several processes every decision comes from values all of them hold: the rows' status
 (gathered from the device) and which search calls have returned, which process 0 decides
