@@ -15,7 +15,7 @@ slot until the whole group ends. Here the sampler holds `slots` rows and decodes
 2. every search call that has returned is collected (its rows' documents), and the next
    prompts take the free slots;
 3. one `extend` writes those documents and prompts, and the rows resume at the next call;
-   when at most half the rows get tokens, only those are computed (`extend_rows`). When no
+   when at most an eighth of the rows get tokens, only those are computed (`extend_rows`). When no
    row is left running and nothing has returned, the host waits for the first call;
 4. once no prompt is left, the remaining rows move into half, a quarter or an eighth of
    the slots (`compact`), so the rollout's last rows do not decode in every slot.
@@ -64,7 +64,6 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
     queue = collections.deque(range(len(rows)))
     table = _Slots.empty(slots)
     shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
-    min_stops = max(1, slots // 8)
     pool = concurrent.futures.ThreadPoolExecutor(config.retrieval_threads,
                                                  thread_name_prefix="retrieval")
     searches = _Searches(retriever, pool, config.top_k, slots)
@@ -72,17 +71,22 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
     try:
         state = sampler.init(slots, eos_ids, key)
         state, status = _refill(sampler, state, rows, queue, table, {})
-        while table.held.any():
+        # Held rows, or prompts left: every prompt of a refill can fill the buffer alone, and
+        # end at once.
+        while table.held.any() or queue:
             if (table.held & ~table.waiting & (status == RUNNING)).any():
                 cursor = _fetch(state.cursor)
                 state, segment = sampler.decode(state, steps=config.decode_steps,
-                                                min_stops=min_stops)
+                                                min_stops=max(1, len(table.holder) // 8))
                 slot_steps += len(table.holder) * int((segment.cursor - cursor).max())
                 status = segment.status
                 state = _end_segments(sampler, state, segment, rows, table, searches, config,
                                       tokenizer)
             running = (table.held & ~table.waiting & (status == RUNNING)).any()
             admits = bool(queue) and not table.held.all()
+            if table.held.any() and not (running or admits or searches.pending):
+                raise RuntimeError("continuous rollout: rows wait for searches none of which "
+                                   "is in flight")  # a bug, not input
             inserts, overflowing = {}, []
             for s, query, overshoot, passages in searches.arrived(wait=not (running or admits)):
                 ids = rows[table.holder[s]].add_documents(query, overshoot, passages,
@@ -214,6 +218,10 @@ class _Searches:
         self._in_flight = [(future, [(new[s], query, overshoot) for s, query, overshoot in calls])
                            for future, calls in self._in_flight]
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._in_flight)
+
     def arrived(self, wait: bool) -> list[tuple[int, str, str, list]]:
         """(slot, query, overshoot, passages) of every call that has returned; with `wait`,
         first waits until one has (when there is one)."""
@@ -234,6 +242,9 @@ class _Searches:
                 found = self._retriever.collect(future)
             else:
                 found = future.result()  # another process's call returned; ours will too
+            if len(found) != len(calls):
+                raise ValueError(f"the retriever answered {len(found)} lists of passages for "
+                                 f"{len(calls)} queries")
             out.extend((s, query, overshoot, passages)
                        for (s, query, overshoot), passages in zip(calls, found))
         self._in_flight = kept

@@ -1,6 +1,7 @@
 """The search-augmented rollout on the world's tiny model: masks built at append time,
 tokens equal to the sampler's, one search batch per round, overshoot and limits."""
 import collections
+import dataclasses
 
 import jax
 import numpy as np
@@ -312,6 +313,23 @@ def test_the_continuous_schedule_gives_the_barrier_trajectories(world, trajector
     utilisation = out.metrics()["slot_utilisation"]
     assert 0 < utilisation <= 1
     assert world["sampler"].traces["reset"] >= 1  # freed slots took the next prompts
+
+
+def test_prompts_that_fill_the_buffer_alone_end_truncated_in_both_schedules(world):
+    """Both slots of the first refill get a prompt longer than the buffer: they end at once
+    ("truncated"), no row is left held, and the continuous schedule still admits the prompts
+    behind them; every row is the barrier schedule's."""
+    long = list(world["prompt_ids"][0]) * 8  # > 768 tokens
+    prompt_ids = [long, long] + world["prompt_ids"][:2]
+    config = rollout_lib.RolloutConfig(max_retrievals=3, top_k=3, sampler_rows=2)
+    barrier = world["run"](world["sampler"], world["retriever"], config, jax.random.key(0),
+                           prompt_ids=prompt_ids)
+    out = world["run"](world["sampler"], world["retriever"],
+                       dataclasses.replace(config, schedule="continuous", decode_steps=16),
+                       jax.random.key(0), prompt_ids=prompt_ids)
+    assert out.end_reasons[:2] == ["truncated", "truncated"] == barrier.end_reasons[:2]
+    assert "truncated" not in out.end_reasons[2:]
+    _same_trajectories(out, barrier, logprob_atol=1e-5)
 
 
 def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):

@@ -495,17 +495,18 @@ class Sampler:
     def extend(self, state: SamplingState, rows: Sequence[Sequence[int]]) -> SamplingState:
         """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor.
 
-        When at most half the rows get tokens, only those are computed (`extend_rows`, in a
-        power-of-two number of rows from an eighth of B, and a multiple of the mesh's row
-        shards)."""
+        When at most an eighth of the rows get tokens, only those are computed
+        (`extend_rows`, in B/8 rows, or the mesh's row shards if more). Not more: XLA gathers
+        rows split over fsdp by all-reducing the gathered whole, so a gather of half the rows
+        would hold half the cache on every chip; the memory plan compiles this size."""
         batch = state.tokens.shape[0]
         if len(rows) != batch:
             raise ValueError(f"extend got {len(rows)} rows of tokens for a batch of {batch}")
         rows = [np.asarray(row, np.int32).reshape(-1) for row in rows]
         slots = np.array([b for b, row in enumerate(rows) if len(row)], np.int32)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows' shards
-        size = power_of_two_bucket(len(slots), max(batch // 8, shards), batch)
-        if size >= batch or size % shards:
+        size = max(batch // 8, shards)
+        if len(slots) > size or size >= batch or size % shards:
             slots = None  # every row, in place
         else:
             slots = np.concatenate([slots, np.full(size - len(slots), batch, np.int32)])
