@@ -15,8 +15,9 @@ slot until the whole group ends. Here the sampler holds `slots` rows and decodes
 2. every search call that has returned is collected (its rows' documents), and the next
    prompts take the free slots;
 3. one `extend` writes those documents and prompts, and the rows resume at the next call;
-   when at most an eighth of the rows get tokens, only those are computed (`extend_rows`). When no
-   row is left running and nothing has returned, the host waits for the first call;
+   when at most half the rows get tokens, only those are computed (`extend_rows`, an
+   eighth of the slots a call). When no row is left running and nothing has returned, the
+   host waits for the first call;
 4. once no prompt is left, the remaining rows move into half, a quarter or an eighth of
    the slots (`compact`), so the rollout's last rows do not decode in every slot.
 

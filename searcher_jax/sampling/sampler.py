@@ -495,8 +495,8 @@ class Sampler:
     def extend(self, state: SamplingState, rows: Sequence[Sequence[int]]) -> SamplingState:
         """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor.
 
-        When at most an eighth of the rows get tokens, only those are computed
-        (`extend_rows`, in B/8 rows, or the mesh's row shards if more). Not more: XLA gathers
+        When at most half the rows get tokens, only those are computed: `extend_rows` calls
+        of B/8 rows each (or the mesh's row shards if more). Never more at once: XLA gathers
         rows split over fsdp by all-reducing the gathered whole, so a gather of half the rows
         would hold half the cache on every chip; the memory plan compiles this size."""
         batch = state.tokens.shape[0]
@@ -506,10 +506,20 @@ class Sampler:
         slots = np.array([b for b, row in enumerate(rows) if len(row)], np.int32)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows' shards
         size = max(batch // 8, shards)
-        if len(slots) > size or size >= batch or size % shards:
-            slots = None  # every row, in place
-        else:
-            slots = np.concatenate([slots, np.full(size - len(slots), batch, np.int32)])
+        if 2 * len(slots) > batch or size >= batch or size % shards:
+            return self._extend_rows_of(state, rows, None)  # every row, in place
+        empty = np.zeros(0, np.int32)
+        for start in range(0, len(slots), size):
+            group = slots[start:start + size]
+            picked = set(group.tolist())
+            state = self._extend_rows_of(
+                state, [row if b in picked else empty for b, row in enumerate(rows)],
+                np.concatenate([group, np.full(size - len(group), batch, np.int32)]))
+        return state
+
+    def _extend_rows_of(self, state: SamplingState, rows: list[np.ndarray],
+                        slots: np.ndarray | None) -> SamplingState:
+        """Writes rows in chunks (`extend_chunk`), through the rows `slots` (None: all)."""
         longest, start = max(len(row) for row in rows), 0
         while start < longest:
             step = extend_chunk(longest - start, self.config.min_extend_bucket,
