@@ -183,14 +183,17 @@ def _refill(sampler: Sampler, state, rows: list[Row], queue: collections.deque, 
     return state, status
 
 
+def compaction_sizes(slots: int, shards: int) -> list[int]:
+    """The slot counts the last rows may move into, fewest first: slots / 8, / 4 and / 2,
+    those that divide evenly into a multiple of the row shards (rl/memory_plan.py compiles
+    the largest)."""
+    return [slots // fraction for fraction in (8, 4, 2)
+            if slots % fraction == 0 and (slots // fraction) % shards == 0]
+
+
 def _compacted_size(held: int, size: int, slots: int, shards: int) -> int:
-    """The fewest slots, of slots / 2, / 4 or / 8 (a multiple of the row shards), that hold
-    `held` rows; `size` when none is smaller."""
-    for fraction in (8, 4, 2):
-        smaller = slots // fraction
-        if slots % fraction == 0 and smaller % shards == 0 and held <= smaller < size:
-            return smaller
-    return size
+    """The fewest of `compaction_sizes` that hold `held` rows; `size` when none is smaller."""
+    return next((s for s in compaction_sizes(slots, shards) if held <= s < size), size)
 
 
 class _Searches:

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from searcher_jax import continuous_rollout
 from searcher_jax.model import attention, sharding
 from searcher_jax.model.config import ModelConfig
 from searcher_jax.model.decoder import Decoder
@@ -138,13 +139,9 @@ def largest_window(config: sampler_lib.SamplerConfig) -> int | None:
 
 
 def largest_compaction(slots: int, shards: int) -> int | None:
-    """The most slots the continuous rollout compacts `slots` into: slots / 2, / 4 or / 8, the
-    first that the row shards divide (continuous_rollout._compacted_size); None when none is
-    (Llama's 260 rows over fsdp 4: that rollout never compacts)."""
-    for fraction in (2, 4, 8):
-        if slots % fraction == 0 and (slots // fraction) % shards == 0:
-            return slots // fraction
-    return None
+    """The most slots the continuous rollout compacts `slots` into; None when it never does
+    (Llama's 260 rows over fsdp 4)."""
+    return max(continuous_rollout.compaction_sizes(slots, shards), default=None)
 
 
 def _sampler_programs(spec: PlanSpec, model_config: ModelConfig, mesh: Mesh):
