@@ -2,6 +2,7 @@
 tokens equal to the sampler's, one search batch per round, overshoot and limits."""
 import collections
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -313,6 +314,47 @@ def test_the_continuous_schedule_gives_the_barrier_trajectories(world, trajector
     utilisation = out.metrics()["slot_utilisation"]
     assert 0 < utilisation <= 1
     assert world["sampler"].traces["reset"] >= 1  # freed slots took the next prompts
+
+
+class SlowRetriever(RecordingRetriever):
+    """The world's BM25 retriever, answering each call delay_s late (a search service on the
+    network)."""
+
+    def __init__(self, inner, delay_s):
+        super().__init__(inner)
+        self.delay_s = delay_s
+
+    def search(self, queries, k):
+        time.sleep(self.delay_s)
+        return super().search(queries, k)
+
+
+def test_rows_waiting_for_documents_leave_their_slots_and_return_unchanged(world, trajectories,
+                                                                           monkeypatch):
+    """rollout.parked_rows=2, each search 0.3 s late: rows that wait for their documents move
+    off the 4 decode slots (KV cache and all) so the next prompts can start, and move back
+    into a free slot once their documents are in. Every trajectory is still the barrier
+    schedule's (log-probs within 1e-5, as above)."""
+    barrier, _ = trajectories
+    sampler, moves = world["sampler"], []
+    move = sampler.move
+
+    def recording_move(source, target, source_rows, target_rows):
+        moves.append((source.tokens.shape[0], target.tokens.shape[0], len(source_rows)))
+        return move(source, target, source_rows, target_rows)
+    monkeypatch.setattr(sampler, "move", recording_move)
+    out = world["run"](sampler, SlowRetriever(world["retriever"], 0.3),
+                       dataclasses.replace(CONTINUOUS, parked_rows=2), jax.random.key(0))
+    _same_trajectories(out, barrier, logprob_atol=1e-5)
+    for b in range(ROWS):
+        _assert_row_is_consistent(out, b, world["prompt_ids"][b], world["tokenizer"], 768)
+    parked = sum(n for source, target, n in moves if (source, target) == (4, 2))
+    returned = sum(n for source, target, n in moves if (source, target) == (2, 4))
+    assert parked >= 1, moves
+    # Every parked row came back, except one whose documents overflowed its buffer (it ends
+    # where it is).
+    overflowed = sum(reason == "truncated" for reason in out.end_reasons)
+    assert parked - overflowed <= returned <= parked, (moves, out.end_reasons)
 
 
 def test_prompts_that_fill_the_buffer_alone_end_truncated_in_both_schedules(world):

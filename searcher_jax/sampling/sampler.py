@@ -162,7 +162,23 @@ def extend_rows(graphdef, params, state: SamplingState, slots, tokens, lengths, 
     batch_axes = _cache_batch_axes(graphdef, params)
     sub = extend(graphdef, params, take_rows(state, slots, batch_axes), tokens, lengths,
                  attend_len=attend_len)
-    scatter = lambda x, new, axis=0: x.at[(slice(None),) * axis + (slots,)].set(  # pylint: disable=unnecessary-lambda-assignment
+    return _put_rows(state, slots, sub, batch_axes)
+
+
+def move_rows(graphdef, params, source: SamplingState, target: SamplingState, source_rows,
+              target_rows) -> SamplingState:
+    """target with row target_rows[i] replaced by source's row source_rows[i] (both [R] int32;
+    a target index past its rows pads: nothing is written): every field and the whole cache
+    row, so the row decodes on in its new place as it would have in its old one. The
+    continuous rollout parks rows that wait for documents off the decode batch with this."""
+    batch_axes = _cache_batch_axes(graphdef, params)
+    return _put_rows(target, target_rows,
+                     take_rows(source, source_rows, batch_axes, per_layer=True), batch_axes)
+
+
+def _put_rows(state: SamplingState, rows, sub: SamplingState, batch_axes) -> SamplingState:
+    """state with row rows[i] set to sub's row i (an index >= B is dropped)."""
+    scatter = lambda x, new, axis=0: x.at[(slice(None),) * axis + (rows,)].set(  # pylint: disable=unnecessary-lambda-assignment
         new, mode="drop")
     return state.replace(cache=jax.tree.map(scatter, state.cache, sub.cache, batch_axes),
                          **{name: scatter(x, getattr(sub, name))
@@ -432,7 +448,7 @@ class Sampler:
         self.stop_strings = () if stop_table is None else stop_table.stop_strings
         # Python side effects run once per trace, i.e. once per compiled executable.
         self.traces: collections.Counter = collections.Counter()
-        self._shardings = None
+        self._shardings: dict[int, SamplingState] = {}  # batch -> each field's sharding
         self._extend = jax.jit(self._traced("extend", extend), static_argnames=("attend_len",),
                                donate_argnums=(2,))
         self._extend_rows = jax.jit(self._traced("extend_rows", extend_rows),
@@ -445,15 +461,18 @@ class Sampler:
         # Not donated: the smaller state cannot reuse the larger one's buffers.
         self._compact = jax.jit(self._traced("compact", compact_rows))
         self._window = jax.jit(self._traced("window", segment_window), static_argnames=("width",))
+        self._move = jax.jit(self._traced("move", move_rows), donate_argnums=(3,))
 
     def _traced(self, name, fn):
         def counted(*args, **kwargs):
             self.traces[name] += 1
             out = fn(*args, **kwargs)
-            if name in ("extend", "extend_rows", "finish", "reset", "compact"):
-                return jax.lax.with_sharding_constraint(out, self._shardings)
+            if name in ("extend", "extend_rows", "finish", "reset", "compact", "move"):
+                return jax.lax.with_sharding_constraint(
+                    out, self._state_shardings(out.tokens.shape[0]))
             if name == "decode":
-                return jax.lax.with_sharding_constraint(out[0], self._shardings), out[1]
+                return jax.lax.with_sharding_constraint(
+                    out[0], self._state_shardings(out[0].tokens.shape[0])), out[1]
             return out
         return counted
 
@@ -486,11 +505,20 @@ class Sampler:
         if eos.shape[0] != batch:
             raise ValueError(f"eos_ids has {eos.shape[0]} rows, batch is {batch}")
         row_ids = np.arange(batch, dtype=np.int32) if row_ids is None else np.asarray(row_ids)
-        model = nnx.merge(self._graphdef, self._params)
-        make = functools.partial(init_state, model, batch, self.config.max_len, eos, row_ids)
-        shapes = jax.eval_shape(make, key)
-        self._shardings = state_shardings(model, shapes, self.mesh)
-        return jax.jit(make, out_shardings=self._shardings)(key)
+        make = functools.partial(init_state, nnx.merge(self._graphdef, self._params), batch,
+                                 self.config.max_len, eos, row_ids)
+        return jax.jit(make, out_shardings=self._state_shardings(batch))(key)
+
+    def _state_shardings(self, batch: int) -> SamplingState:
+        """Each field's sharding in a state of `batch` rows (`state_shardings`: rows split
+        when the mesh's row shards divide them, else replicated)."""
+        if batch not in self._shardings:
+            model = nnx.merge(self._graphdef, self._params)
+            shapes = jax.eval_shape(functools.partial(
+                init_state, model, batch, self.config.max_len, np.zeros((batch, 1), np.int32),
+                np.zeros(batch, np.int32)), jax.random.key(0))
+            self._shardings[batch] = state_shardings(model, shapes, self.mesh)
+        return self._shardings[batch]
 
     def extend(self, state: SamplingState, rows: Sequence[Sequence[int]]) -> SamplingState:
         """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor.
@@ -543,10 +571,10 @@ class Sampler:
             if b < batch:
                 tokens[i, :len(rows[b])] = rows[b]
         lengths = np.where(picked < batch, lengths[np.minimum(picked, batch - 1)], 0)
-        put = functools.partial(jax.device_put, device=self._shardings.cursor)
+        put = functools.partial(jax.device_put, device=self._state_shardings(batch).cursor)
         if slots is None:
             return self._extend(self._graphdef, self._params, state,
-                                jax.device_put(tokens, self._shardings.tokens),
+                                jax.device_put(tokens, self._state_shardings(batch).tokens),
                                 put(lengths.astype(np.int32)), attend_len=attend)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return self._extend_rows(self._graphdef, self._params, state,
@@ -601,7 +629,8 @@ class Sampler:
         ids = np.zeros(state.tokens.shape[0], np.int32)
         mask[np.asarray(rows, np.int64)] = True
         ids[np.asarray(rows, np.int64)] = np.asarray(row_ids, np.int32)
-        put = functools.partial(jax.device_put, device=self._shardings.cursor)
+        put = functools.partial(jax.device_put,
+                                device=self._state_shardings(len(mask)).cursor)
         return self._reset(state, put(mask), put(ids))
 
     def compact(self, state: SamplingState, rows: Sequence[int], size: int) -> SamplingState:
@@ -614,11 +643,33 @@ class Sampler:
         return self._compact(self._graphdef, self._params, state,
                              jax.device_put(picked, replicated), jax.device_put(keep, replicated))
 
+    def move(self, source: SamplingState, target: SamplingState, source_rows: Sequence[int],
+             target_rows: Sequence[int]) -> SamplingState:
+        """target with row target_rows[i] holding source's row source_rows[i] (`move_rows`),
+        in calls of an eighth of target's rows (or the row shards if more), as `extend`'s
+        few-row calls: one gathered cache row costs what its bytes do, at any batch."""
+        if len(source_rows) != len(target_rows):
+            raise ValueError(f"move: {len(source_rows)} source rows for {len(target_rows)} "
+                             "target rows")
+        batch = target.tokens.shape[0]
+        size = max(batch // 8, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        for start in range(0, len(source_rows), size):
+            picked = np.full((2, size), batch, np.int32)
+            picked[0, :] = source.tokens.shape[0] - 1
+            part = slice(start, start + size)
+            picked[0, :len(source_rows[part])] = source_rows[part]
+            picked[1, :len(target_rows[part])] = target_rows[part]
+            target = self._move(self._graphdef, self._params, source, target,
+                                jax.device_put(picked[0], replicated),
+                                jax.device_put(picked[1], replicated))
+        return target
+
     def finish(self, state: SamplingState, rows: Sequence[int]) -> SamplingState:
         """Ends the given rows (e.g. paused at `</answer>`, or out of retrieval rounds)."""
         mask = np.zeros(state.tokens.shape[0], bool)
         mask[np.asarray(rows, np.int64)] = True
-        return self._finish(state, jax.device_put(mask, self._shardings.cursor))
+        return self._finish(state, jax.device_put(mask, self._state_shardings(len(mask)).cursor))
 
     @staticmethod
     def _fetch(array) -> np.ndarray:
