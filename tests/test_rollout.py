@@ -378,8 +378,9 @@ def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
     """24 trajectories (6 waves through 4 slots), then 24 more, compile no more programs than
     the sampler's buckets allow, a number set by its config and the slots alone: for each
     state size (4 slots, and 2 and 1 once the last rows are compacted), decode at each attend
-    window, extend at each chunk x attend window x row count, window and finish; reset once
-    and compact once per pair of sizes."""
+    window, extend at each chunk x attend window x row count, window and finish; reset once,
+    compact once per pair of sizes, and move to and from 2 parked rows (searches answered
+    0.05 s late, so rows do park)."""
     sampler = world["make_sampler"]()
     config = sampler.config
     reach = range(1, config.max_len + 1)
@@ -391,12 +392,15 @@ def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
     sizes = (4, 2, 1)
     row_counts = {size: {n for n in (1, 2, 4) if n <= size} for size in sizes}
     bound = sum(len(attend) + len(chunks) * len(extend_attend) * len(row_counts[size]) + 2
-                for size in sizes) + 1 + 3
+                for size in sizes) + 1 + 3 + 2
+    config = dataclasses.replace(CONTINUOUS, parked_rows=2)
+    retriever = SlowRetriever(world["retriever"], 0.05)
     for key in (1, 2):
-        out = world["run"](sampler, world["retriever"], CONTINUOUS, jax.random.key(key),
+        out = world["run"](sampler, retriever, config, jax.random.key(key),
                            prompt_ids=world["prompt_ids"] * 2)
         assert len(out.end_reasons) == 24 and None not in out.end_reasons
         assert sampler.num_compiled <= bound, sampler.traces
         print(f"after {24 * key} trajectories: {sampler.num_compiled} programs "
               f"({dict(sampler.traces)}), bound {bound}")
     assert sampler.traces["compact"] >= 1  # the last rows did move into fewer slots
+    assert sampler.traces["move"] == 2  # rows parked and came back
