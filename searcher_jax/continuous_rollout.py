@@ -23,7 +23,7 @@ slot until the whole group ends. Here the sampler holds `slots` rows and decodes
    rows want more slots than are free, and moves back into a free slot once its documents
    are in, before any new prompt. Without it a row keeps its slot idle for as long as its
    search takes;
-5. once no prompt is left and no row is parked, the remaining rows move into half, a
+5. once no prompt is left, the remaining rows (parked ones included) move into half, a
    quarter or an eighth of the slots (`compact`), so the rollout's last rows do not decode
    in every slot.
 
@@ -121,9 +121,10 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
                 state, parked = _park_and_return(sampler, state, parked, table, park, ready,
                                                  inserts, len(queue))
             state, status = _refill(sampler, state, rows, queue, table, inserts)
-            size = _compacted_size(int(table.held.sum()), len(table.holder), slots, shards)
-            if (not queue and not park.held.any() and 0 < table.held.sum()
-                    and size < len(table.holder)):
+            # Parked rows come back into this state: the compacted size holds them too.
+            size = _compacted_size(int(table.held.sum() + park.held.sum()), len(table.holder),
+                                   slots, shards)
+            if not queue and 0 < table.held.sum() and size < len(table.holder):
                 kept = np.flatnonzero(table.held)
                 state = sampler.compact(state, kept, size)
                 status = _fetch(state.status)

@@ -379,8 +379,8 @@ def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
     the sampler's buckets allow, a number set by its config and the slots alone: for each
     state size (4 slots, and 2 and 1 once the last rows are compacted), decode at each attend
     window, extend at each chunk x attend window x row count, window and finish; reset once,
-    compact once per pair of sizes, and move to and from 2 parked rows (searches answered
-    0.05 s late, so rows do park)."""
+    compact once per pair of sizes, and move into 2 parked rows and back into each size
+    (searches answered 0.05 s late, so rows do park)."""
     sampler = world["make_sampler"]()
     config = sampler.config
     reach = range(1, config.max_len + 1)
@@ -392,7 +392,7 @@ def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
     sizes = (4, 2, 1)
     row_counts = {size: {n for n in (1, 2, 4) if n <= size} for size in sizes}
     bound = sum(len(attend) + len(chunks) * len(extend_attend) * len(row_counts[size]) + 2
-                for size in sizes) + 1 + 3 + 2
+                for size in sizes) + 1 + 3 + 1 + len(sizes)
     config = dataclasses.replace(CONTINUOUS, parked_rows=2)
     retriever = SlowRetriever(world["retriever"], 0.05)
     for key in (1, 2):
@@ -403,4 +403,4 @@ def test_a_long_continuous_rollout_compiles_a_fixed_set_of_programs(world):
         print(f"after {24 * key} trajectories: {sampler.num_compiled} programs "
               f"({dict(sampler.traces)}), bound {bound}")
     assert sampler.traces["compact"] >= 1  # the last rows did move into fewer slots
-    assert sampler.traces["move"] == 2  # rows parked and came back
+    assert sampler.traces["move"] >= 2  # rows parked and came back
