@@ -296,10 +296,10 @@ def test_the_continuous_schedule_gives_the_barrier_trajectories(world, trajector
     different calls, search on a host thread while the others decode, resume at a later call
     than their neighbours, and a slot whose row ended takes the next prompt; the trajectories
     are the barrier schedule's (all 12 rows in one round-by-round call). The log-probs agree
-    to a few 1e-6, not bit for bit: a decode call attends a window sized by the longest row
-    decoded beside it, and the last rows decode in fewer slots (compaction), so XLA's softmax,
-    value sums and matmuls reduce in other orders. With the window fixed and no compaction
-    they agreed bit for bit (measured; see the README)."""
+    to a few 1e-6, not bit for bit: XLA's matmuls round a row's sums by the row count of the
+    whole call (on CPU, four classes of row count were measured), and the last rows decode
+    in fewer slots (compaction); with no compaction these 12 rows agreed bit for bit, but at
+    64 slots the extends' shapes differ too (see the README's rollout benchmark)."""
     barrier, barrier_calls = trajectories
     recorder = RecordingRetriever(world["retriever"])
     out = world["run"](world["sampler"], recorder, CONTINUOUS, jax.random.key(0))
