@@ -646,8 +646,9 @@ class Sampler:
     def move(self, source: SamplingState, target: SamplingState, source_rows: Sequence[int],
              target_rows: Sequence[int]) -> SamplingState:
         """target with row target_rows[i] holding source's row source_rows[i] (`move_rows`),
-        in calls of an eighth of target's rows (or the row shards if more), as `extend`'s
-        few-row calls: one gathered cache row costs what its bytes do, at any batch."""
+        in calls of an eighth of target's rows (or the row shards if more): one program per
+        pair of state sizes, and, as for `extend`'s few-row calls, a bounded share of the
+        cache gathered at once. Raises ValueError when the two lists differ in length."""
         if len(source_rows) != len(target_rows):
             raise ValueError(f"move: {len(source_rows)} source rows for {len(target_rows)} "
                              "target rows")
