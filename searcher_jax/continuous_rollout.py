@@ -86,10 +86,9 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
         # end at once.
         while table.held.any() or park.held.any() or queue:
             if (table.held & ~table.waiting & (status == RUNNING)).any():
-                cursor = _fetch(state.cursor)
                 state, segment = sampler.decode(state, steps=config.decode_steps,
                                                 min_stops=max(1, len(table.holder) // 8))
-                slot_steps += len(table.holder) * int((segment.cursor - cursor).max())
+                slot_steps += len(table.holder) * segment.steps
                 status = segment.status
                 state = _end_segments(sampler, state, segment, rows, table, searches, config,
                                       tokenizer)

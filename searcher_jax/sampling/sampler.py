@@ -409,6 +409,7 @@ class Segment:
     segment_start: np.ndarray
     cursor: np.ndarray
     logits: np.ndarray | None = None  # [B, N, V] when config.record_logits
+    steps: int = 0  # decode steps the call ran: the most tokens a row sampled in it
 
     @property
     def paused_rows(self) -> np.ndarray:
@@ -602,11 +603,12 @@ class Sampler:
         state, logits = self._decode(self._graphdef, self._params, state, self._stop_table,
                                      config=self.config, attend_len=attend, steps=steps,
                                      min_stops=min_stops)
+        after = self._fetch(state.cursor)
         segment = Segment(status=self._fetch(state.status), stop_id=self._fetch(state.stop_id),
                           overshoot=self._fetch(state.overshoot),
-                          segment_start=self._fetch(state.segment_start),
-                          cursor=self._fetch(state.cursor),
-                          logits=None if logits is None else np.asarray(logits))
+                          segment_start=self._fetch(state.segment_start), cursor=after,
+                          logits=None if logits is None else np.asarray(logits),
+                          steps=int((after - cursor)[running].max()))
         return state, segment
 
     def new_tokens(self, state: SamplingState, segment: Segment,
