@@ -69,6 +69,7 @@ def run(args) -> dict:
     config.world.dir = args.world_dir
     if args.max_len:
         config.sampler.max_len = args.max_len
+    config.sampler.batch_invariant = args.batch_invariant
     config = trainer.resolve_world(config)
     parts, _ = trainer.build_parts(config)
     base = run_config.rollout_config(config)
@@ -85,7 +86,8 @@ def run(args) -> dict:
     print(f"rollout schedules: {len(prompt_ids)} trajectories ({args.prompts} prompts x "
           f"{args.samples}) through {args.slots} slots, buffer {parts.sampler.config.max_len}, "
           f"segment {parts.sampler.config.segment_len}, continuous decode_steps "
-          f"{args.decode_steps} and {args.parked_rows} parked rows")
+          f"{args.decode_steps} and {args.parked_rows} parked rows"
+          f"{', batch-invariant sampler' if args.batch_invariant else ''}")
     results = []
     for delay in delays:
         server = RetrievalServer(parts.retriever, port=0, added_latency_s=delay / 1000).start()
@@ -138,6 +140,8 @@ def add_args(parser: argparse.ArgumentParser):
                         help="continuous: tokens per row between two boundaries")
     parser.add_argument("--parked_rows", type=int, default=32,
                         help="continuous: rows that may wait for documents off the decode batch")
+    parser.add_argument("--batch_invariant", action="store_true",
+                        help="sampler.batch_invariant: both schedules' log-probs bit for bit")
     parser.add_argument("--delays_ms", default="0,50,200",
                         help="latency the server adds to each call, comma separated")
     parser.add_argument("--max_len", type=int, default=0, help="the sampler's buffer; 0: the demo's")

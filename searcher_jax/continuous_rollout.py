@@ -123,7 +123,10 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
             # Parked rows come back into this state: the compacted size holds them too.
             size = _compacted_size(int(table.held.sum() + park.held.sum()), len(table.holder),
                                    slots, shards)
-            if not queue and 0 < table.held.sum() and size < len(table.holder):
+            # A batch-invariant sampler decodes at one row count: its rows' numbers would
+            # change with it.
+            if (not queue and 0 < table.held.sum() and size < len(table.holder)
+                    and not sampler.config.batch_invariant):
                 kept = np.flatnonzero(table.held)
                 state = sampler.compact(state, kept, size)
                 status = _fetch(state.status)

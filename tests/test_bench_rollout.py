@@ -13,7 +13,8 @@ import bench_rollout  # noqa: E402  pylint: disable=wrong-import-position
 def test_the_rollout_suite_runs_both_schedules_side_by_side(world_model_dir, capsys):
     result = bench_rollout.run(argparse.Namespace(
         world_dir=str(world_model_dir), prompts=2, samples=4, slots=4, decode_steps=16,
-        delays_ms="50", max_len=512, runs=1, parked_rows=2))
+        delays_ms="50", max_len=512, runs=1, parked_rows=2,
+        batch_invariant=False))
     out = capsys.readouterr().out
     assert "+  50 ms a call" in out, out
     assert result["trajectories"] == 8 and result["queries"] > 0

@@ -357,6 +357,23 @@ def test_rows_waiting_for_documents_leave_their_slots_and_return_unchanged(world
     assert parked - overflowed <= returned <= parked, (moves, out.end_reasons)
 
 
+def test_a_batch_invariant_sampler_gives_both_schedules_bit_for_bit(world, trajectories):
+    """SamplerConfig.batch_invariant: the barrier schedule in groups of 4 rows and the
+    continuous one through 4 slots (2 parked rows, searches 0.05 s late, so rows pause,
+    park and resume at other calls than in the barrier's rounds) give the same tokens,
+    masks, queries and log-probs, bit for bit. The mode samples what the default sampler
+    does: the same tokens, log-probs within 1e-5."""
+    sampler = world["make_sampler"](batch_invariant=True)
+    barrier = world["run"](sampler, world["retriever"],
+                           rollout_lib.RolloutConfig(max_retrievals=3, top_k=3, sampler_rows=4),
+                           jax.random.key(0))
+    out = world["run"](sampler, SlowRetriever(world["retriever"], 0.05),
+                       dataclasses.replace(CONTINUOUS, parked_rows=2), jax.random.key(0))
+    _same_trajectories(out, barrier)
+    assert sampler.traces["move"] >= 1 and sampler.traces["compact"] == 0
+    _same_trajectories(barrier, trajectories[0], logprob_atol=1e-5)
+
+
 def test_prompts_that_fill_the_buffer_alone_end_truncated_in_both_schedules(world):
     """Both slots of the first refill get a prompt longer than the buffer: they end at once
     ("truncated"), no row is left held, and the continuous schedule still admits the prompts

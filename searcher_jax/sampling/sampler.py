@@ -53,12 +53,34 @@ class SamplerConfig:
     # Keep every step's logits ([B, N, V] float32 in the state's segment
     # output); for parity tests on tiny vocabularies only.
     record_logits: bool = False
+    # A row's numbers independent of the rows beside it, so any schedule of the same rows
+    # gives them bit for bit: XLA rounds a matmul's sums by the shape of the whole call, and
+    # a softmax by the window it spans. Every extend is then `extend_rows` calls of B/8 rows
+    # x invariant_chunk tokens, a row's inserts split at multiples of invariant_chunk from
+    # their start; attention visits the cache in blocks of min_attend_bucket / 2 keys
+    # (decoder.attend_cached); the continuous rollout never compacts. Costs more extend calls
+    # and padding, and the compaction's tail.
+    batch_invariant: bool = False
+    invariant_chunk: int = 64
 
     def __post_init__(self):
-        if min(self.max_len, self.segment_len, self.min_extend_bucket, self.max_extend_chunk) < 1:
+        if min(self.max_len, self.segment_len, self.min_extend_bucket, self.max_extend_chunk,
+               self.invariant_chunk) < 1:
             raise ValueError(f"max_len ({self.max_len}), segment_len ({self.segment_len}), "
-                             f"min_extend_bucket ({self.min_extend_bucket}) and max_extend_chunk "
-                             f"({self.max_extend_chunk}) must be positive")
+                             f"min_extend_bucket ({self.min_extend_bucket}), max_extend_chunk "
+                             f"({self.max_extend_chunk}) and invariant_chunk "
+                             f"({self.invariant_chunk}) must be positive")
+        if self.batch_invariant and (self.min_attend_bucket % 2
+                                     or self.max_len % self.key_block):
+            raise ValueError(f"batch_invariant attends blocks of min_attend_bucket / 2 = "
+                             f"{self.min_attend_bucket / 2} keys: min_attend_bucket "
+                             f"({self.min_attend_bucket}) must be even and max_len "
+                             f"({self.max_len}) a multiple of it")
+
+    @property
+    def key_block(self) -> int:
+        """Keys per attention block (0: the whole window at once)."""
+        return self.min_attend_bucket // 2 if self.batch_invariant else 0
 
 
 def power_of_two_bucket(n: int, minimum: int, maximum: int) -> int:
@@ -115,7 +137,7 @@ def _advance_stops(table, stop_state, tokens):
 
 
 def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
-           attend_len: int) -> SamplingState:
+           attend_len: int, key_block: int = 0) -> SamplingState:
     """Appends tokens [B, E] (row b's first lengths[b]) at each row's cursor.
 
     Rows with lengths[b] > 0 become RUNNING (TRUNCATED if they do not fit) and
@@ -137,7 +159,8 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
     buffer = state.tokens.at[rows, slots].set(tokens, mode="drop")
 
     hidden, cache = model.forward_hidden(tokens, cache=state.cache, write_index=state.cursor,
-                                         attend_len=attend_len)  # [B, E, H]
+                                         attend_len=attend_len,
+                                         key_block=key_block)  # [B, E, H]
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     extended = lengths > 0
     cursor = state.cursor + lengths
@@ -154,14 +177,14 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
 
 
 def extend_rows(graphdef, params, state: SamplingState, slots, tokens, lengths, *,
-                attend_len: int) -> SamplingState:
+                attend_len: int, key_block: int = 0) -> SamplingState:
     """`extend` for the rows `slots` [R] int32 alone (an index >= B pads: nothing is written
     back); tokens [R, E], lengths [R]. Their fields and cache rows are gathered into an R-row
     state, extended and written back, so the forward costs R rows, not B: the continuous
     rollout extends a few rows at each boundary while the others keep decoding."""
     batch_axes = _cache_batch_axes(graphdef, params)
     sub = extend(graphdef, params, take_rows(state, slots, batch_axes), tokens, lengths,
-                 attend_len=attend_len)
+                 attend_len=attend_len, key_block=key_block)
     return _put_rows(state, slots, sub, batch_axes)
 
 
@@ -270,7 +293,8 @@ def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config
         is_eos = jnp.any(token[:, None] == state.eos_ids, axis=-1)
 
         hidden, cache = model.forward_hidden(token[:, None], cache=state.cache,
-                                             write_index=state.cursor)
+                                             write_index=state.cursor,
+                                             key_block=config.key_block)
         cursor = state.cursor + running
         status = jnp.where(running & (stop_id != NO_STOP), PAUSED, state.status)
         status = jnp.where(running & is_eos, FINISHED, status)
@@ -450,10 +474,11 @@ class Sampler:
         # Python side effects run once per trace, i.e. once per compiled executable.
         self.traces: collections.Counter = collections.Counter()
         self._shardings: dict[int, SamplingState] = {}  # batch -> each field's sharding
-        self._extend = jax.jit(self._traced("extend", extend), static_argnames=("attend_len",),
-                               donate_argnums=(2,))
+        self._extend = jax.jit(self._traced("extend", extend),
+                               static_argnames=("attend_len", "key_block"), donate_argnums=(2,))
         self._extend_rows = jax.jit(self._traced("extend_rows", extend_rows),
-                                    static_argnames=("attend_len",), donate_argnums=(2,))
+                                    static_argnames=("attend_len", "key_block"),
+                                    donate_argnums=(2,))
         self._decode = jax.jit(self._traced("decode", decode_segment),
                                static_argnames=("config", "attend_len", "steps"),
                                donate_argnums=(2,))
@@ -535,7 +560,9 @@ class Sampler:
         slots = np.array([b for b, row in enumerate(rows) if len(row)], np.int32)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows' shards
         size = max(batch // 8, shards)
-        if 2 * len(slots) > batch or size >= batch or size % shards:
+        if self.config.batch_invariant:
+            size = min(size, batch)
+        elif 2 * len(slots) > batch or size >= batch or size % shards:
             return self._extend_rows_of(state, rows, None)  # every row, in place
         empty = np.zeros(0, np.int32)
         for start in range(0, len(slots), size):
@@ -551,8 +578,9 @@ class Sampler:
         """Writes rows in chunks (`extend_chunk`), through the rows `slots` (None: all)."""
         longest, start = max(len(row) for row in rows), 0
         while start < longest:
-            step = extend_chunk(longest - start, self.config.min_extend_bucket,
-                                self.config.max_extend_chunk)
+            step = (self.config.invariant_chunk if self.config.batch_invariant else
+                    extend_chunk(longest - start, self.config.min_extend_bucket,
+                                 self.config.max_extend_chunk))
             state = self._extend_chunk(state, [row[start:start + step] for row in rows], step,
                                        slots)
             start += step
@@ -576,13 +604,14 @@ class Sampler:
         if slots is None:
             return self._extend(self._graphdef, self._params, state,
                                 jax.device_put(tokens, self._state_shardings(batch).tokens),
-                                put(lengths.astype(np.int32)), attend_len=attend)
+                                put(lengths.astype(np.int32)), attend_len=attend,
+                                key_block=self.config.key_block)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return self._extend_rows(self._graphdef, self._params, state,
                                  jax.device_put(slots, replicated),
                                  jax.device_put(tokens, replicated),
                                  jax.device_put(lengths.astype(np.int32), replicated),
-                                 attend_len=attend)
+                                 attend_len=attend, key_block=self.config.key_block)
 
     def decode(self, state: SamplingState, steps: int | None = None,
                min_stops: int | None = None) -> tuple[SamplingState, Segment]:
