@@ -31,10 +31,12 @@ The KV cache is kept across searches (nothing is re-encoded), as in the barrier 
 A row's tokens depend only on the key, its global row id and its own tokens
 (`select.row_keys`), and a row's segments, searches and inserts go through the same
 `rollout_rows.Row` as the barrier schedule's, so both give the same tokens. The log-probs
-agree to about 1e-5, not bit for bit: XLA's matmuls round a row's sums differently at
-different row counts (on CPU, per row count class: 1, 2-7, 8-48, 64 rows measured), and
-which rows share a decode or extend call, and how long its chunks are, depends on when
-searches return. The compiled programs are a fixed set, whatever the number of
+agree to about 1e-5, not bit for bit: XLA rounds a row's sums by the shape of the whole
+call (on CPU, by classes of row count: 1, 2-7, 8-48, 64 rows measured) and a softmax by
+the window it spans, and which rows share a decode or extend call depends on when searches
+return. With `SamplerConfig.batch_invariant` no shape depends on the neighbours (and
+nothing is compacted): the log-probs are then the barrier schedule's bit for bit, at the
+same sampler_rows. The compiled programs are a fixed set, whatever the number of
 trajectories: for each state size, decode at the attend buckets and extend at the chunk
 buckets and row counts; reset, compact, and move to and from the parked rows.
 
