@@ -11,12 +11,13 @@ the same zone, one across regions). For each delay, both schedules on the same p
 key, each run twice and the second timed (the first compiles):
   barrier     rollout.schedule=barrier, sampler_rows=slots: groups of `slots` rows, each
               decoding round by round, one search call per round;
-  continuous  rollout.schedule=continuous: rows search and resume on their own, and a slot
-              whose row ended takes the next prompt (continuous_rollout.py).
+  continuous  rollout.schedule=continuous: rows search and resume on their own, a slot
+              whose row ended takes the next prompt, and up to --parked_rows rows that wait
+              for documents leave their slots to prompts (continuous_rollout.py).
 Reported: wall seconds, the speedup of continuous over barrier, slot utilisation (sampled
 tokens over the slot-steps the device ran: 1.0 is no slot ever idle in a decode call), the
-decode and extend calls, the programs compiled during the timed run, and whether both
-schedules gave the same tokens.
+decode and extend calls, the programs compiled during the timed run, whether both
+schedules gave the same tokens, and how far apart their log-probs are.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def run(args) -> dict:
     config.world.dir = args.world_dir
     if args.max_len:
         config.sampler.max_len = args.max_len
+    config.sampler.batch_invariant = args.batch_invariant
     config = trainer.resolve_world(config)
     parts, _ = trainer.build_parts(config)
     base = run_config.rollout_config(config)
@@ -77,13 +79,15 @@ def run(args) -> dict:
     schedules = {
         "barrier": dataclasses.replace(base, schedule="barrier", sampler_rows=args.slots),
         "continuous": dataclasses.replace(base, schedule="continuous", sampler_rows=args.slots,
-                                          decode_steps=args.decode_steps),
+                                          decode_steps=args.decode_steps,
+                                          parked_rows=args.parked_rows),
     }
     delays = [int(d) for d in args.delays_ms.split(",")]
     print(f"rollout schedules: {len(prompt_ids)} trajectories ({args.prompts} prompts x "
           f"{args.samples}) through {args.slots} slots, buffer {parts.sampler.config.max_len}, "
           f"segment {parts.sampler.config.segment_len}, continuous decode_steps "
-          f"{args.decode_steps}")
+          f"{args.decode_steps} and {args.parked_rows} parked rows"
+          f"{', batch-invariant sampler' if args.batch_invariant else ''}")
     results = []
     for delay in delays:
         server = RetrievalServer(parts.retriever, port=0, added_latency_s=delay / 1000).start()
@@ -109,6 +113,8 @@ def run(args) -> dict:
             row["same_tokens"] = bool(
                 np.array_equal(outputs["barrier"].tokens, outputs["continuous"].tokens)
                 and outputs["barrier"].queries == outputs["continuous"].queries)
+            row["max_logprob_difference"] = float(np.abs(
+                outputs["barrier"].sampler_logprobs - outputs["continuous"].sampler_logprobs).max())
             results.append(row)
         finally:
             server.stop()
@@ -116,7 +122,8 @@ def run(args) -> dict:
               f"(utilisation {row['barrier']['slot_utilisation']:.2f}), continuous "
               f"{row['continuous']['seconds']:6.2f} s "
               f"(utilisation {row['continuous']['slot_utilisation']:.2f}): "
-              f"{row['speedup']:.2f}x; same tokens: {row['same_tokens']}")
+              f"{row['speedup']:.2f}x; same tokens: {row['same_tokens']}, "
+              f"log-probs within {row['max_logprob_difference']:.1e}")
     sampled = outputs["barrier"].loss_mask.sum()
     return {"trajectories": len(prompt_ids), "slots": args.slots,
             "decode_steps": args.decode_steps, "sampled_tokens": int(sampled),
@@ -131,6 +138,10 @@ def add_args(parser: argparse.ArgumentParser):
     parser.add_argument("--slots", type=int, default=64, help="rows the sampler holds")
     parser.add_argument("--decode_steps", type=int, default=32,
                         help="continuous: tokens per row between two boundaries")
+    parser.add_argument("--parked_rows", type=int, default=32,
+                        help="continuous: rows that may wait for documents off the decode batch")
+    parser.add_argument("--batch_invariant", action="store_true",
+                        help="sampler.batch_invariant: both schedules' log-probs bit for bit")
     parser.add_argument("--delays_ms", default="0,50,200",
                         help="latency the server adds to each call, comma separated")
     parser.add_argument("--max_len", type=int, default=0, help="the sampler's buffer; 0: the demo's")

@@ -18,17 +18,27 @@ slot until the whole group ends. Here the sampler holds `slots` rows and decodes
    when at most half the rows get tokens, only those are computed (`extend_rows`, an
    eighth of the slots a call). When no row is left running and nothing has returned, the
    host waits for the first call;
-4. once no prompt is left, the remaining rows move into half, a quarter or an eighth of
-   the slots (`compact`), so the rollout's last rows do not decode in every slot.
+4. with `parked_rows`, a row that waits for its documents leaves its slot (its whole KV
+   cache row moves to a store of that many rows, `Sampler.move`) when prompts or returned
+   rows want more slots than are free, and moves back into a free slot once its documents
+   are in, before any new prompt. Without it a row keeps its slot idle for as long as its
+   search takes;
+5. once no prompt is left, the remaining rows (parked ones included) move into half, a
+   quarter or an eighth of the slots (`compact`), so the rollout's last rows do not decode
+   in every slot.
 
 The KV cache is kept across searches (nothing is re-encoded), as in the barrier schedule.
 A row's tokens depend only on the key, its global row id and its own tokens
 (`select.row_keys`), and a row's segments, searches and inserts go through the same
-`rollout_rows.Row` as the barrier schedule's, so both give the same tokens. (The log-probs
-agree to a few 1e-6: a call's attend window and row count depend on the rows beside it.)
-The compiled programs are a fixed set, whatever the number of trajectories: for each state
-size, decode at the attend buckets and extend at the chunk buckets and row counts; reset
-and compact.
+`rollout_rows.Row` as the barrier schedule's, so both give the same tokens. The log-probs
+agree to about 1e-5, not bit for bit: XLA rounds a row's sums by the shape of the whole
+call (on CPU, by classes of row count: 1, 2-7, 8-48, 64 rows measured) and a softmax by
+the window it spans, and which rows share a decode or extend call depends on when searches
+return. With `SamplerConfig.batch_invariant` no shape depends on the neighbours (and
+nothing is compacted): the log-probs are then the barrier schedule's bit for bit, at the
+same sampler_rows. The compiled programs are a fixed set, whatever the number of
+trajectories: for each state size, decode at the attend buckets and extend at the chunk
+buckets and row counts; reset, compact, and move to and from the parked rows.
 
 On several processes every decision comes from values all of them hold: the rows' status
 (gathered from the device) and which search calls have returned, which process 0 decides
@@ -63,54 +73,96 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
     """
     rows = [Row(prompt=np.asarray(p, np.int32)) for p in prompt_ids]
     queue = collections.deque(range(len(rows)))
-    table = _Slots.empty(slots)
     shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
+    table, park = _Slots.empty(slots), _Slots.empty(config.parked_rows)
+    ready: dict[int, list[int]] = {}  # parked row -> the ids of its arrived documents
     pool = concurrent.futures.ThreadPoolExecutor(config.retrieval_threads,
                                                  thread_name_prefix="retrieval")
-    searches = _Searches(retriever, pool, config.top_k, slots)
+    searches = _Searches(retriever, pool, config.top_k, slots + config.parked_rows)
     slot_steps = 0
     try:
+        parked = sampler.init(config.parked_rows, eos_ids, key) if config.parked_rows else None
         state = sampler.init(slots, eos_ids, key)
         state, status = _refill(sampler, state, rows, queue, table, {})
         # Held rows, or prompts left: every prompt of a refill can fill the buffer alone, and
         # end at once.
-        while table.held.any() or queue:
+        while table.held.any() or park.held.any() or queue:
             if (table.held & ~table.waiting & (status == RUNNING)).any():
-                cursor = _fetch(state.cursor)
                 state, segment = sampler.decode(state, steps=config.decode_steps,
                                                 min_stops=max(1, len(table.holder) // 8))
-                slot_steps += len(table.holder) * int((segment.cursor - cursor).max())
+                slot_steps += len(table.holder) * segment.steps
                 status = segment.status
                 state = _end_segments(sampler, state, segment, rows, table, searches, config,
                                       tokenizer)
             running = (table.held & ~table.waiting & (status == RUNNING)).any()
-            admits = bool(queue) and not table.held.all()
-            if table.held.any() and not (running or admits or searches.pending):
+            admits = bool(queue or ready) and not table.held.all()
+            if (table.held.any() or park.held.any()) and not (running or admits
+                                                              or searches.pending):
                 raise RuntimeError("continuous rollout: rows wait for searches none of which "
                                    "is in flight")  # a bug, not input
             inserts, overflowing = {}, []
-            for s, query, overshoot, passages in searches.arrived(wait=not (running or admits)):
-                ids = rows[table.holder[s]].add_documents(query, overshoot, passages,
-                                                          int(table.room[s]), tokenizer)
-                table.waiting[s] = False
+            for trajectory, query, overshoot, passages in searches.arrived(
+                    wait=not (running or admits)):
+                home = table if (table.holder == trajectory).any() else park
+                s = int(np.flatnonzero(home.holder == trajectory)[0])
+                ids = rows[trajectory].add_documents(query, overshoot, passages,
+                                                     int(home.room[s]), tokenizer)
+                home.waiting[s] = False
                 if ids is None:
-                    overflowing.append(s)
-                    table.holder[s] = -1
-                else:
+                    home.holder[s] = -1  # a parked row's copy is never decoded again
+                    if home is table:
+                        overflowing.append(s)
+                elif home is table:
                     inserts[s] = ids
+                else:
+                    ready[s] = ids
             if overflowing:
                 state = sampler.finish(state, overflowing)
+            if parked is not None:
+                state, parked = _park_and_return(sampler, state, parked, table, park, ready,
+                                                 inserts, len(queue))
             state, status = _refill(sampler, state, rows, queue, table, inserts)
-            size = _compacted_size(int(table.held.sum()), len(table.holder), slots, shards)
-            if not queue and 0 < table.held.sum() and size < len(table.holder):
+            # Parked rows come back into this state: the compacted size holds them too.
+            size = _compacted_size(int(table.held.sum() + park.held.sum()), len(table.holder),
+                                   slots, shards)
+            # A batch-invariant sampler decodes at one row count: its rows' numbers would
+            # change with it.
+            if (not queue and 0 < table.held.sum() and size < len(table.holder)
+                    and not sampler.config.batch_invariant):
                 kept = np.flatnonzero(table.held)
                 state = sampler.compact(state, kept, size)
                 status = _fetch(state.status)
-                searches.move(kept)
                 table = table.take(kept, size)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return assemble(rows, sampler.config.max_len, tokenizer, decode_slot_steps=slot_steps)
+
+
+def _park_and_return(sampler: Sampler, state, parked, table: "_Slots", park: "_Slots",
+                     ready: dict[int, list[int]], inserts: dict[int, list[int]], prompts: int):
+    """Moves rows that wait for documents off the decode batch when prompts or returned rows
+    want more slots than are free (as many as the park holds), then moves returned parked
+    rows into free slots (before new prompts: they end trajectories and free the park).
+    A moved row keeps its KV cache. Adds a returned row's slot and documents to inserts.
+    Returns (state, parked)."""
+    want = prompts + len(ready) - int((~table.held).sum())
+    waiting = np.flatnonzero(table.held & table.waiting)[:max(want, 0)]
+    room = np.flatnonzero(~park.held)[:len(waiting)]
+    if len(room):
+        out = waiting[:len(room)]
+        parked = sampler.move(state, parked, out, room)
+        park.holder[room], park.waiting[room], park.room[room] = (
+            table.holder[out], True, table.room[out])
+        table.holder[out], table.waiting[out] = -1, False
+    back = sorted(ready)[:int((~table.held).sum())]
+    if back:
+        into = np.flatnonzero(~table.held)[:len(back)]
+        state = sampler.move(parked, state, back, into)
+        table.holder[into], table.room[into] = park.holder[back], park.room[back]
+        for p, s in zip(back, into):
+            inserts[int(s)] = ready.pop(p)
+        park.holder[back] = -1
+    return state, parked
 
 
 @dataclasses.dataclass
@@ -152,7 +204,7 @@ def _end_segments(sampler: Sampler, state, segment, rows: list[Row], table: _Slo
                 to_finish.append(s)
             table.holder[s] = -1
         else:
-            calls.append((s, *search))
+            calls.append((int(table.holder[s]), *search))
             table.waiting[s] = True
             table.room[s] = sampler.config.max_len - segment.cursor[s]
     if calls:
@@ -201,14 +253,15 @@ class _Searches:
     agreed by every process (process 0 decides)."""
 
     def __init__(self, retriever: Searcher, pool: concurrent.futures.Executor, k: int,
-                 slots: int):
-        self._retriever, self._pool, self._k, self._slots = retriever, pool, k, slots
+                 most_calls: int):
+        # most_calls: a bound on the calls in flight (each holds a waiting row).
+        self._retriever, self._pool, self._k, self._most = retriever, pool, k, most_calls
         self._process_zero = isinstance(retriever, ProcessZeroRetriever)
         self._index = jax.process_index()
         self._in_flight: list[tuple[concurrent.futures.Future | None, list]] = []
 
     def submit(self, calls: list[tuple[int, str, str]]) -> None:
-        """calls: (slot, query, overshoot) of the rows that paused at one boundary."""
+        """calls: (trajectory, query, overshoot) of the rows that paused at one boundary."""
         queries = [query for _, query, _ in calls]
         if self._process_zero:
             future = self._retriever.submit(self._pool, queries, self._k)
@@ -216,25 +269,19 @@ class _Searches:
             future = self._pool.submit(self._retriever.search, queries, self._k)
         self._in_flight.append((future, calls))
 
-    def move(self, kept: np.ndarray) -> None:
-        """The slots were compacted: slot kept[i] is now slot i."""
-        new = {int(old): i for i, old in enumerate(kept)}
-        self._in_flight = [(future, [(new[s], query, overshoot) for s, query, overshoot in calls])
-                           for future, calls in self._in_flight]
-
     @property
     def pending(self) -> bool:
         return bool(self._in_flight)
 
     def arrived(self, wait: bool) -> list[tuple[int, str, str, list]]:
-        """(slot, query, overshoot, passages) of every call that has returned; with `wait`,
+        """(trajectory, query, overshoot, passages) of every call that has returned; with `wait`,
         first waits until one has (when there is one)."""
         if not self._in_flight:
             return []
         futures = [future for future, _ in self._in_flight]
         if wait and self._index == 0:
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
-        done = np.zeros(self._slots, bool)  # one shape: each compiles a broadcast
+        done = np.zeros(self._most, bool)  # one shape: each compiles a broadcast
         done[:len(futures)] = [f is not None and f.done() for f in futures]
         done = _agreed(done)
         out, kept = [], []

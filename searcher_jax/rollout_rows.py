@@ -66,6 +66,10 @@ class RolloutConfig:
     schedule: str = "barrier"
     decode_steps: int = 32  # continuous: tokens per row between two boundaries
     retrieval_threads: int = 8  # continuous: searches in flight at once
+    # continuous: rows that wait for their documents can leave the decode batch for a store
+    # of this many rows (their KV cache moved, not re-encoded) while prompts or returned rows
+    # wait for a slot; 0: a waiting row keeps its slot. Costs this many rows of KV cache.
+    parked_rows: int = 0
 
     def __post_init__(self):
         if self.max_retrievals < 0 or self.top_k < 1 or self.max_query_chars < 1:
@@ -77,6 +81,8 @@ class RolloutConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"RolloutConfig: schedule must be one of {SCHEDULES}, "
                              f"got {self.schedule!r}")
+        if self.parked_rows < 0:
+            raise ValueError(f"RolloutConfig: parked_rows must be >= 0, got {self.parked_rows}")
         if self.decode_steps < 1 or self.retrieval_threads < 1:
             raise ValueError(f"RolloutConfig: decode_steps ({self.decode_steps}) and "
                              f"retrieval_threads ({self.retrieval_threads}) must be >= 1")

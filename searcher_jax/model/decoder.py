@@ -76,9 +76,9 @@ def apply_rope(x, positions, inv_freq):
     return rotated.astype(x.dtype)
 
 
-def attend_cached(q, k, v, mask):
+def attend_cached(q, k, v, mask, key_block: int = 0):
     """Grouped-query attention over the cache. q [B,T,N,D], k [B,K,D,S], v [B,K,S,D],
-    mask [B,T,S] -> [B,T,N,D].
+    mask [B,T,S] -> [B,T,N,D]. key_block > 0 (dividing S): `_attend_cached_blocks`.
 
     Both contractions batch over (B, K) and read the cache in place: a head's T*G queries
     as one [M, D] matrix, so both are plain 4-D matmuls (the sampler benchmark's rollout ran
@@ -92,13 +92,49 @@ def attend_cached(q, k, v, mask):
     group = n // kv_heads
     q = q.reshape(b, t, kv_heads, group, d).transpose(0, 2, 1, 3, 4).reshape(
         b, kv_heads, t * group, d)
-    scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32)
     mask = jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, t, group, mask.shape[-1]))
     mask = mask.reshape(b, 1, t * group, -1)
-    scores = jnp.where(mask, scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kv_heads, t, group, d)
+    if key_block:
+        out = _attend_cached_blocks(q, k, v, mask, key_block)
+    else:
+        scores = jnp.einsum("bkmd,bkds->bkms", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask, scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkms,bksd->bkmd", probs, v)
+    out = out.reshape(b, kv_heads, t, group, d)
     return out.transpose(0, 2, 1, 3, 4).reshape(b, t, n, d)
+
+
+def _attend_cached_blocks(q, k, v, mask, block: int):
+    """q [B,K,M,D], k [B,K,D,S], v [B,K,S,D], mask [B,1,M,S] -> [B,K,M,D] in v's dtype: the
+    keys in blocks of `block`, one after another, with an online softmax (FlashAttention,
+    arXiv 2205.14135, Algorithm 1). Each block's arithmetic has the same shapes whatever S
+    is, and a block past every query's keys adds exact zeros (its probabilities underflow to
+    0 and the running max stays), so a row's result does not depend on how many cache slots
+    the call attends: the sampler's batch-invariant mode needs that, as a softmax over the
+    whole window rounds differently at each window length."""
+    d = q.shape[-1]
+
+    def body(carry, j):
+        running_max, running_sum, acc = carry
+        kj = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=3)
+        vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
+        visible = jax.lax.dynamic_slice_in_dim(mask, j * block, block, axis=3)
+        scores = jnp.einsum("bkmd,bkds->bkms", q, kj, preferred_element_type=jnp.float32)
+        scores = jnp.where(visible, scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
+        new_max = jnp.maximum(running_max, scores.max(-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        rescale = jnp.exp(running_max - new_max)
+        running_sum = running_sum * rescale + probs.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum(
+            "bkms,bksd->bkmd", probs.astype(v.dtype), vj, preferred_element_type=jnp.float32)
+        return (new_max, running_sum, acc), None
+
+    shape = q.shape[:3]
+    init = (jnp.full(shape, jnp.finfo(jnp.float32).min, jnp.float32),
+            jnp.zeros(shape, jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    (_, running_sum, acc), _ = jax.lax.scan(body, init, jnp.arange(k.shape[-1] // block))
+    return (acc / running_sum[..., None]).astype(v.dtype)
 
 
 def attend_rows(q, k, v, lengths, config: ModelConfig):
@@ -126,10 +162,10 @@ class Attention(nnx.Module):
             self.q_norm = _param(rngs, (d,), ("norm",), stack, "ones")
             self.k_norm = _param(rngs, (d,), ("norm",), stack, "ones")
 
-    def __call__(self, x, positions, inv_freq, visible, cache, write_index):
+    def __call__(self, x, positions, inv_freq, visible, cache, write_index, key_block=0):
         """x [B,T,E], positions [B,T]; cache {"k","v"} [B,K,S,D] or None. visible: with a
         cache, the [B,T,S] mask of the keys each query sees; without, the rows' lengths [B]
-        (query i sees keys j <= i with j < its row's length)."""
+        (query i sees keys j <= i with j < its row's length). key_block: `attend_cached`'s."""
         cfg, dtype = self.config, x.dtype
         b, t, e = x.shape
         n, k_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -153,7 +189,7 @@ class Attention(nnx.Module):
             cache = {"k": _write_keys(cache["k"], k, write_index),
                      "v": _write_values(cache["v"], v, write_index)}
             window = cache_window(cache, visible.shape[-1])
-            out = attend_cached(q, window["k"], window["v"], visible)
+            out = attend_cached(q, window["k"], window["v"], visible, key_block)
         out = out.reshape(b, t, n * d)
         return out @ self.o_proj[...].reshape(n * d, e).astype(dtype), cache
 
@@ -225,17 +261,19 @@ class Block(nnx.Module):
         self.post_attention_norm = _param(rngs, (e,), ("norm",), stack, "ones")
         self.mlp = MLP(config, rngs, stack)
 
-    def __call__(self, x, positions, inv_freq, visible, cache, write_index):
+    def __call__(self, x, positions, inv_freq, visible, cache, write_index, key_block=0):
         eps = self.config.rms_norm_eps
         h, cache = self.attn(rms_norm(x, self.input_norm[...], eps), positions, inv_freq,
-                             visible, cache, write_index)
+                             visible, cache, write_index, key_block)
         x = x + h
         x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], eps))
         return x, cache
 
 
-def _run_block(graphdef, state, x, positions, inv_freq, visible, cache, write_index):
-    return nnx.merge(graphdef, state)(x, positions, inv_freq, visible, cache, write_index)
+def _run_block(graphdef, state, x, positions, inv_freq, visible, cache, write_index,
+               key_block=0):
+    return nnx.merge(graphdef, state)(x, positions, inv_freq, visible, cache, write_index,
+                                      key_block)
 
 
 class Decoder(nnx.Module):
@@ -279,13 +317,14 @@ class Decoder(nnx.Module):
         return tuple(dict(layer) for _ in range(self.config.num_layers))
 
     def forward_hidden(self, tokens, positions=None, lengths=None, cache: Cache | None = None,
-                       write_index=None, attend_len: int | None = None):
+                       write_index=None, attend_len: int | None = None, key_block: int = 0):
         """tokens [B, T] -> (hidden [B, T, E] after the final norm, updated cache).
 
         Without a cache, row b's tokens sit at positions 0..T-1 and keys past
         `lengths[b]` are masked. With a cache, they sit at `write_index[b] + t`
         and attend every cached key at or before their own position, reading
-        only the first `attend_len` slots of the cache.
+        only the first `attend_len` slots of the cache; key_block > 0 attends them in blocks
+        of that many keys (`attend_cached`; it must divide attend_len).
         """
         cfg = self.config
         b, t = tokens.shape
@@ -301,18 +340,21 @@ class Decoder(nnx.Module):
         else:
             max_len = cache_slots(cache)
             attend_len = max_len if attend_len is None else min(attend_len, max_len)
+            if key_block and attend_len % key_block:
+                raise ValueError(f"key_block {key_block} does not divide the {attend_len} "
+                                 "cache slots attended")
             visible = jnp.arange(attend_len)[None, None, :] <= positions[:, :, None]  # [B,T,S]
         inv_freq = rope_inv_freq(cfg)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
 
-        run = jax.checkpoint(_run_block, static_argnums=(0,)) if cfg.remat else _run_block
+        run = jax.checkpoint(_run_block, static_argnums=(0, 8)) if cfg.remat else _run_block
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
             def body(x, layer):
                 layer_state, layer_cache = layer
                 x, layer_cache = run(graphdef, layer_state, x, positions, inv_freq, visible,
-                                     layer_cache, write_index)
+                                     layer_cache, write_index, key_block)
                 return x, layer_cache
 
             x, cache = jax.lax.scan(body, x, (stacked, cache))
@@ -321,7 +363,8 @@ class Decoder(nnx.Module):
             for i, block in enumerate(self.layers):
                 graphdef, state = nnx.split(block)
                 x, layer_cache = run(graphdef, state, x, positions, inv_freq, visible,
-                                     None if cache is None else cache[i], write_index)
+                                     None if cache is None else cache[i], write_index,
+                                     key_block)
                 new_cache.append(layer_cache)
             cache = None if cache is None else tuple(new_cache)
         return rms_norm(x, self.final_norm[...], cfg.rms_norm_eps), cache

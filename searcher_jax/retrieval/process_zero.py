@@ -29,6 +29,17 @@ def decode_results(payload: bytes) -> list[list[Passage]]:
     return [[Passage(**p) for p in row] for row in message["results"]]
 
 
+def _encode_metrics(metrics: dict[str, float] | None, error: str = "") -> bytes:
+    return json.dumps({"metrics": metrics, "error": error}).encode("utf-8")
+
+
+def _decode_metrics(payload: bytes) -> dict[str, float]:
+    message = json.loads(payload.decode("utf-8"))
+    if message["error"]:
+        raise RuntimeError(f"retrieval metrics on process 0 failed: {message['error']}")
+    return message["metrics"]
+
+
 def broadcast_bytes(payload: bytes) -> bytes:
     """Process 0's payload, on every process (the others' payloads are ignored)."""
     from jax.experimental import multihost_utils
@@ -71,6 +82,16 @@ class ProcessZeroRetriever:
     def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
         return agreed_call(lambda: self.inner.search(queries, k), self.process_index,
                            self._broadcast, encode_results, decode_results)
+
+    def take_metrics(self) -> dict[str, float]:
+        """The inner retriever's `take_metrics` on process 0 (e.g. the http backend's failed
+        queries; {} for a backend without it), the same on every process: the trainer logs
+        them from every process at the same point, and this is a broadcast all enter."""
+        take = None
+        if self.process_index == 0:
+            take = getattr(self.inner, "take_metrics", dict)
+        return agreed_call(take, self.process_index, self._broadcast, _encode_metrics,
+                           _decode_metrics)
 
     def submit(self, pool: concurrent.futures.Executor, queries: Sequence[str],
                k: int) -> concurrent.futures.Future | None:

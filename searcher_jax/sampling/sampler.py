@@ -53,12 +53,34 @@ class SamplerConfig:
     # Keep every step's logits ([B, N, V] float32 in the state's segment
     # output); for parity tests on tiny vocabularies only.
     record_logits: bool = False
+    # A row's numbers independent of the rows beside it, so any schedule of the same rows
+    # gives them bit for bit: XLA rounds a matmul's sums by the shape of the whole call, and
+    # a softmax by the window it spans. Every extend is then `extend_rows` calls of B/8 rows
+    # x invariant_chunk tokens, a row's inserts split at multiples of invariant_chunk from
+    # their start; attention visits the cache in blocks of min_attend_bucket / 2 keys
+    # (decoder.attend_cached); the continuous rollout never compacts. Costs more extend calls
+    # and padding, and the compaction's tail.
+    batch_invariant: bool = False
+    invariant_chunk: int = 64
 
     def __post_init__(self):
-        if min(self.max_len, self.segment_len, self.min_extend_bucket, self.max_extend_chunk) < 1:
+        if min(self.max_len, self.segment_len, self.min_extend_bucket, self.max_extend_chunk,
+               self.invariant_chunk) < 1:
             raise ValueError(f"max_len ({self.max_len}), segment_len ({self.segment_len}), "
-                             f"min_extend_bucket ({self.min_extend_bucket}) and max_extend_chunk "
-                             f"({self.max_extend_chunk}) must be positive")
+                             f"min_extend_bucket ({self.min_extend_bucket}), max_extend_chunk "
+                             f"({self.max_extend_chunk}) and invariant_chunk "
+                             f"({self.invariant_chunk}) must be positive")
+        if self.batch_invariant and (self.min_attend_bucket % 2
+                                     or self.max_len % self.key_block):
+            raise ValueError(f"batch_invariant attends blocks of min_attend_bucket / 2 = "
+                             f"{self.min_attend_bucket / 2} keys: min_attend_bucket "
+                             f"({self.min_attend_bucket}) must be even and max_len "
+                             f"({self.max_len}) a multiple of it")
+
+    @property
+    def key_block(self) -> int:
+        """Keys per attention block (0: the whole window at once)."""
+        return self.min_attend_bucket // 2 if self.batch_invariant else 0
 
 
 def power_of_two_bucket(n: int, minimum: int, maximum: int) -> int:
@@ -115,7 +137,7 @@ def _advance_stops(table, stop_state, tokens):
 
 
 def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
-           attend_len: int) -> SamplingState:
+           attend_len: int, key_block: int = 0) -> SamplingState:
     """Appends tokens [B, E] (row b's first lengths[b]) at each row's cursor.
 
     Rows with lengths[b] > 0 become RUNNING (TRUNCATED if they do not fit) and
@@ -137,7 +159,8 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
     buffer = state.tokens.at[rows, slots].set(tokens, mode="drop")
 
     hidden, cache = model.forward_hidden(tokens, cache=state.cache, write_index=state.cursor,
-                                         attend_len=attend_len)  # [B, E, H]
+                                         attend_len=attend_len,
+                                         key_block=key_block)  # [B, E, H]
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     extended = lengths > 0
     cursor = state.cursor + lengths
@@ -154,15 +177,31 @@ def extend(graphdef, params, state: SamplingState, tokens, lengths, *,
 
 
 def extend_rows(graphdef, params, state: SamplingState, slots, tokens, lengths, *,
-                attend_len: int) -> SamplingState:
+                attend_len: int, key_block: int = 0) -> SamplingState:
     """`extend` for the rows `slots` [R] int32 alone (an index >= B pads: nothing is written
     back); tokens [R, E], lengths [R]. Their fields and cache rows are gathered into an R-row
     state, extended and written back, so the forward costs R rows, not B: the continuous
     rollout extends a few rows at each boundary while the others keep decoding."""
     batch_axes = _cache_batch_axes(graphdef, params)
     sub = extend(graphdef, params, take_rows(state, slots, batch_axes), tokens, lengths,
-                 attend_len=attend_len)
-    scatter = lambda x, new, axis=0: x.at[(slice(None),) * axis + (slots,)].set(  # pylint: disable=unnecessary-lambda-assignment
+                 attend_len=attend_len, key_block=key_block)
+    return _put_rows(state, slots, sub, batch_axes)
+
+
+def move_rows(graphdef, params, source: SamplingState, target: SamplingState, source_rows,
+              target_rows) -> SamplingState:
+    """target with row target_rows[i] replaced by source's row source_rows[i] (both [R] int32;
+    a target index past its rows pads: nothing is written): every field and the whole cache
+    row, so the row decodes on in its new place as it would have in its old one. The
+    continuous rollout parks rows that wait for documents off the decode batch with this."""
+    batch_axes = _cache_batch_axes(graphdef, params)
+    return _put_rows(target, target_rows,
+                     take_rows(source, source_rows, batch_axes, per_layer=True), batch_axes)
+
+
+def _put_rows(state: SamplingState, rows, sub: SamplingState, batch_axes) -> SamplingState:
+    """state with row rows[i] set to sub's row i (an index >= B is dropped)."""
+    scatter = lambda x, new, axis=0: x.at[(slice(None),) * axis + (rows,)].set(  # pylint: disable=unnecessary-lambda-assignment
         new, mode="drop")
     return state.replace(cache=jax.tree.map(scatter, state.cache, sub.cache, batch_axes),
                          **{name: scatter(x, getattr(sub, name))
@@ -254,7 +293,8 @@ def decode_segment(graphdef, params, state: SamplingState, stop_table, *, config
         is_eos = jnp.any(token[:, None] == state.eos_ids, axis=-1)
 
         hidden, cache = model.forward_hidden(token[:, None], cache=state.cache,
-                                             write_index=state.cursor)
+                                             write_index=state.cursor,
+                                             key_block=config.key_block)
         cursor = state.cursor + running
         status = jnp.where(running & (stop_id != NO_STOP), PAUSED, state.status)
         status = jnp.where(running & is_eos, FINISHED, status)
@@ -393,6 +433,7 @@ class Segment:
     segment_start: np.ndarray
     cursor: np.ndarray
     logits: np.ndarray | None = None  # [B, N, V] when config.record_logits
+    steps: int = 0  # decode steps the call ran: the most tokens a row sampled in it
 
     @property
     def paused_rows(self) -> np.ndarray:
@@ -432,11 +473,12 @@ class Sampler:
         self.stop_strings = () if stop_table is None else stop_table.stop_strings
         # Python side effects run once per trace, i.e. once per compiled executable.
         self.traces: collections.Counter = collections.Counter()
-        self._shardings = None
-        self._extend = jax.jit(self._traced("extend", extend), static_argnames=("attend_len",),
-                               donate_argnums=(2,))
+        self._shardings: dict[int, SamplingState] = {}  # batch -> each field's sharding
+        self._extend = jax.jit(self._traced("extend", extend),
+                               static_argnames=("attend_len", "key_block"), donate_argnums=(2,))
         self._extend_rows = jax.jit(self._traced("extend_rows", extend_rows),
-                                    static_argnames=("attend_len",), donate_argnums=(2,))
+                                    static_argnames=("attend_len", "key_block"),
+                                    donate_argnums=(2,))
         self._decode = jax.jit(self._traced("decode", decode_segment),
                                static_argnames=("config", "attend_len", "steps"),
                                donate_argnums=(2,))
@@ -445,15 +487,18 @@ class Sampler:
         # Not donated: the smaller state cannot reuse the larger one's buffers.
         self._compact = jax.jit(self._traced("compact", compact_rows))
         self._window = jax.jit(self._traced("window", segment_window), static_argnames=("width",))
+        self._move = jax.jit(self._traced("move", move_rows), donate_argnums=(3,))
 
     def _traced(self, name, fn):
         def counted(*args, **kwargs):
             self.traces[name] += 1
             out = fn(*args, **kwargs)
-            if name in ("extend", "extend_rows", "finish", "reset", "compact"):
-                return jax.lax.with_sharding_constraint(out, self._shardings)
+            if name in ("extend", "extend_rows", "finish", "reset", "compact", "move"):
+                return jax.lax.with_sharding_constraint(
+                    out, self._state_shardings(out.tokens.shape[0]))
             if name == "decode":
-                return jax.lax.with_sharding_constraint(out[0], self._shardings), out[1]
+                return jax.lax.with_sharding_constraint(
+                    out[0], self._state_shardings(out[0].tokens.shape[0])), out[1]
             return out
         return counted
 
@@ -486,11 +531,20 @@ class Sampler:
         if eos.shape[0] != batch:
             raise ValueError(f"eos_ids has {eos.shape[0]} rows, batch is {batch}")
         row_ids = np.arange(batch, dtype=np.int32) if row_ids is None else np.asarray(row_ids)
-        model = nnx.merge(self._graphdef, self._params)
-        make = functools.partial(init_state, model, batch, self.config.max_len, eos, row_ids)
-        shapes = jax.eval_shape(make, key)
-        self._shardings = state_shardings(model, shapes, self.mesh)
-        return jax.jit(make, out_shardings=self._shardings)(key)
+        make = functools.partial(init_state, nnx.merge(self._graphdef, self._params), batch,
+                                 self.config.max_len, eos, row_ids)
+        return jax.jit(make, out_shardings=self._state_shardings(batch))(key)
+
+    def _state_shardings(self, batch: int) -> SamplingState:
+        """Each field's sharding in a state of `batch` rows (`state_shardings`: rows split
+        when the mesh's row shards divide them, else replicated)."""
+        if batch not in self._shardings:
+            model = nnx.merge(self._graphdef, self._params)
+            shapes = jax.eval_shape(functools.partial(
+                init_state, model, batch, self.config.max_len, np.zeros((batch, 1), np.int32),
+                np.zeros(batch, np.int32)), jax.random.key(0))
+            self._shardings[batch] = state_shardings(model, shapes, self.mesh)
+        return self._shardings[batch]
 
     def extend(self, state: SamplingState, rows: Sequence[Sequence[int]]) -> SamplingState:
         """Appends rows[b] (token ids; empty: leave row b alone) at each row's cursor.
@@ -506,7 +560,9 @@ class Sampler:
         slots = np.array([b for b, row in enumerate(rows) if len(row)], np.int32)
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]  # rows' shards
         size = max(batch // 8, shards)
-        if 2 * len(slots) > batch or size >= batch or size % shards:
+        if self.config.batch_invariant:
+            size = min(size, batch)
+        elif 2 * len(slots) > batch or size >= batch or size % shards:
             return self._extend_rows_of(state, rows, None)  # every row, in place
         empty = np.zeros(0, np.int32)
         for start in range(0, len(slots), size):
@@ -522,8 +578,9 @@ class Sampler:
         """Writes rows in chunks (`extend_chunk`), through the rows `slots` (None: all)."""
         longest, start = max(len(row) for row in rows), 0
         while start < longest:
-            step = extend_chunk(longest - start, self.config.min_extend_bucket,
-                                self.config.max_extend_chunk)
+            step = (self.config.invariant_chunk if self.config.batch_invariant else
+                    extend_chunk(longest - start, self.config.min_extend_bucket,
+                                 self.config.max_extend_chunk))
             state = self._extend_chunk(state, [row[start:start + step] for row in rows], step,
                                        slots)
             start += step
@@ -543,17 +600,18 @@ class Sampler:
             if b < batch:
                 tokens[i, :len(rows[b])] = rows[b]
         lengths = np.where(picked < batch, lengths[np.minimum(picked, batch - 1)], 0)
-        put = functools.partial(jax.device_put, device=self._shardings.cursor)
+        put = functools.partial(jax.device_put, device=self._state_shardings(batch).cursor)
         if slots is None:
             return self._extend(self._graphdef, self._params, state,
-                                jax.device_put(tokens, self._shardings.tokens),
-                                put(lengths.astype(np.int32)), attend_len=attend)
+                                jax.device_put(tokens, self._state_shardings(batch).tokens),
+                                put(lengths.astype(np.int32)), attend_len=attend,
+                                key_block=self.config.key_block)
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return self._extend_rows(self._graphdef, self._params, state,
                                  jax.device_put(slots, replicated),
                                  jax.device_put(tokens, replicated),
                                  jax.device_put(lengths.astype(np.int32), replicated),
-                                 attend_len=attend)
+                                 attend_len=attend, key_block=self.config.key_block)
 
     def decode(self, state: SamplingState, steps: int | None = None,
                min_stops: int | None = None) -> tuple[SamplingState, Segment]:
@@ -574,11 +632,12 @@ class Sampler:
         state, logits = self._decode(self._graphdef, self._params, state, self._stop_table,
                                      config=self.config, attend_len=attend, steps=steps,
                                      min_stops=min_stops)
+        after = self._fetch(state.cursor)
         segment = Segment(status=self._fetch(state.status), stop_id=self._fetch(state.stop_id),
                           overshoot=self._fetch(state.overshoot),
-                          segment_start=self._fetch(state.segment_start),
-                          cursor=self._fetch(state.cursor),
-                          logits=None if logits is None else np.asarray(logits))
+                          segment_start=self._fetch(state.segment_start), cursor=after,
+                          logits=None if logits is None else np.asarray(logits),
+                          steps=int((after - cursor)[running].max()))
         return state, segment
 
     def new_tokens(self, state: SamplingState, segment: Segment,
@@ -601,7 +660,8 @@ class Sampler:
         ids = np.zeros(state.tokens.shape[0], np.int32)
         mask[np.asarray(rows, np.int64)] = True
         ids[np.asarray(rows, np.int64)] = np.asarray(row_ids, np.int32)
-        put = functools.partial(jax.device_put, device=self._shardings.cursor)
+        put = functools.partial(jax.device_put,
+                                device=self._state_shardings(len(mask)).cursor)
         return self._reset(state, put(mask), put(ids))
 
     def compact(self, state: SamplingState, rows: Sequence[int], size: int) -> SamplingState:
@@ -614,11 +674,34 @@ class Sampler:
         return self._compact(self._graphdef, self._params, state,
                              jax.device_put(picked, replicated), jax.device_put(keep, replicated))
 
+    def move(self, source: SamplingState, target: SamplingState, source_rows: Sequence[int],
+             target_rows: Sequence[int]) -> SamplingState:
+        """target with row target_rows[i] holding source's row source_rows[i] (`move_rows`),
+        in calls of an eighth of target's rows (or the row shards if more): one program per
+        pair of state sizes, and, as for `extend`'s few-row calls, a bounded share of the
+        cache gathered at once. Raises ValueError when the two lists differ in length."""
+        if len(source_rows) != len(target_rows):
+            raise ValueError(f"move: {len(source_rows)} source rows for {len(target_rows)} "
+                             "target rows")
+        batch = target.tokens.shape[0]
+        size = max(batch // 8, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        for start in range(0, len(source_rows), size):
+            picked = np.full((2, size), batch, np.int32)
+            picked[0, :] = source.tokens.shape[0] - 1
+            part = slice(start, start + size)
+            picked[0, :len(source_rows[part])] = source_rows[part]
+            picked[1, :len(target_rows[part])] = target_rows[part]
+            target = self._move(self._graphdef, self._params, source, target,
+                                jax.device_put(picked[0], replicated),
+                                jax.device_put(picked[1], replicated))
+        return target
+
     def finish(self, state: SamplingState, rows: Sequence[int]) -> SamplingState:
         """Ends the given rows (e.g. paused at `</answer>`, or out of retrieval rounds)."""
         mask = np.zeros(state.tokens.shape[0], bool)
         mask[np.asarray(rows, np.int64)] = True
-        return self._finish(state, jax.device_put(mask, self._shardings.cursor))
+        return self._finish(state, jax.device_put(mask, self._state_shardings(len(mask)).cursor))
 
     @staticmethod
     def _fetch(array) -> np.ndarray:

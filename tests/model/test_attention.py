@@ -223,3 +223,29 @@ def test_splash_under_a_mesh_runs_per_shard_with_the_same_outputs(tensor):
             _, got = _outputs_and_gradients(splash, *args, weights)
         for name, a, b_ in zip("qkv", expected, got):
             np.testing.assert_allclose(b_, a, atol=1e-6 * float(np.abs(a).max()), err_msg=name)
+
+
+def test_cached_attention_in_key_blocks_matches_numpy_and_ignores_the_window():
+    """decoder.attend_cached with key_block (the sampler's batch-invariant mode): 4 query heads
+    over 2 kv heads, 3 rows whose 2 queries see up to 5, 70 and 128 cached keys, against
+    numpy's softmax attention; and the same rows attended through a 128- and a 256-slot
+    window, in blocks of 64 keys, give the same bits."""
+    from searcher_jax.model.decoder import attend_cached
+    rng = np.random.default_rng(0)
+    b, t, n, kv, d, s = 3, 2, 4, 2, 16, 256
+    q = rng.standard_normal((b, t, n, d)).astype(np.float32)
+    k = rng.standard_normal((b, kv, d, s)).astype(np.float32)
+    v = rng.standard_normal((b, kv, s, d)).astype(np.float32)
+    positions = np.array([5, 70, 128])[:, None] - t + np.arange(t)  # [b, t]
+    mask = np.arange(s)[None, None, :] <= positions[:, :, None]  # [b, t, s]
+    expected = np.zeros((b, t, n, d))
+    for row, i, head in np.ndindex(b, t, n):
+        keys = np.flatnonzero(mask[row, i])
+        scores = q[row, i, head] @ k[row, head // (n // kv)][:, keys] / np.sqrt(d)
+        probs = np.exp(scores - scores.max())
+        expected[row, i, head] = probs / probs.sum() @ v[row, head // (n // kv)][keys]
+    narrow = np.asarray(attend_cached(q, k[..., :128], v[:, :, :128], mask[..., :128], 64))
+    np.testing.assert_allclose(narrow, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(attend_cached(q, k, v, mask, 64)), narrow)
+    # The whole-window path agrees to rounding (it is the default sampler's).
+    np.testing.assert_allclose(np.asarray(attend_cached(q, k, v, mask)), expected, atol=1e-5)

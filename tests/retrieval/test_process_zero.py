@@ -69,6 +69,26 @@ def test_a_threaded_search_runs_on_process_zero_only_and_both_collect_it():
         one.collect(None)
 
 
+class Counting(Fixed):
+    """A backend with take_metrics, as the http one (its failed queries since the last take)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = 3
+
+    def take_metrics(self):
+        failed, self.failed = self.failed, 0
+        return {"retrieval/failed_queries": float(failed)}
+
+
+def test_every_process_logs_process_zeros_retrieval_metrics():
+    zero, one = _two_processes(Counting())
+    assert zero.take_metrics() == {"retrieval/failed_queries": 3.0}
+    assert one.take_metrics() == {"retrieval/failed_queries": 3.0}
+    zero, one = _two_processes(Fixed())  # a backend without metrics: none on any process
+    assert zero.take_metrics() == {} and one.take_metrics() == {}
+
+
 def test_a_failure_on_process_zero_is_raised_everywhere():
     zero, one = _two_processes(Fixed(error=ConnectionError("server down")))
     with pytest.raises(ConnectionError, match="server down"):

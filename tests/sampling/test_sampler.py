@@ -254,6 +254,15 @@ def test_rows_that_fill_the_buffer_are_truncated(hf_models, prompts):
         smp.extend(state, [[1], [2]])
 
 
+def test_batch_invariant_needs_key_blocks_that_divide_the_buffer():
+    assert sampling.SamplerConfig(max_len=768, batch_invariant=True).key_block == 64
+    assert sampling.SamplerConfig(max_len=768).key_block == 0
+    with pytest.raises(ValueError, match=r"max_len \(700\) a multiple"):
+        sampling.SamplerConfig(max_len=700, batch_invariant=True)
+    with pytest.raises(ValueError, match="invariant_chunk"):
+        sampling.SamplerConfig(max_len=768, invariant_chunk=0)
+
+
 @pytest.mark.parametrize("remaining", [1, 15, 16, 17, 40, 65, 100, 129, 300, 511, 512, 600, 1300])
 def test_extend_chunks_cover_the_tokens_with_little_padding(remaining):
     chunks, left = [], remaining
