@@ -113,17 +113,20 @@ def run(args) -> dict:
             row["same_tokens"] = bool(
                 np.array_equal(outputs["barrier"].tokens, outputs["continuous"].tokens)
                 and outputs["barrier"].queries == outputs["continuous"].queries)
+            # Only the same tokens have comparable log-probs (and arrays of one width).
             row["max_logprob_difference"] = float(np.abs(
-                outputs["barrier"].sampler_logprobs - outputs["continuous"].sampler_logprobs).max())
+                outputs["barrier"].sampler_logprobs - outputs["continuous"].sampler_logprobs
+            ).max()) if row["same_tokens"] else None
             results.append(row)
         finally:
             server.stop()
+        gap = row["max_logprob_difference"]
         print(f"  +{delay:4d} ms a call: barrier {row['barrier']['seconds']:6.2f} s "
               f"(utilisation {row['barrier']['slot_utilisation']:.2f}), continuous "
               f"{row['continuous']['seconds']:6.2f} s "
               f"(utilisation {row['continuous']['slot_utilisation']:.2f}): "
-              f"{row['speedup']:.2f}x; same tokens: {row['same_tokens']}, "
-              f"log-probs within {row['max_logprob_difference']:.1e}")
+              f"{row['speedup']:.2f}x; same tokens: {row['same_tokens']}, log-probs "
+              + (f"within {gap:.1e}" if gap is not None else "not comparable"))
     sampled = outputs["barrier"].loss_mask.sum()
     return {"trajectories": len(prompt_ids), "slots": args.slots,
             "decode_steps": args.decode_steps, "sampled_tokens": int(sampled),

@@ -69,11 +69,15 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
     """One trajectory per prompt (row b's id: b), at most `slots` rows on the device at a time.
 
     The caller (`rollout.rollout`) has checked the sampler's stop strings, the eos ids and
-    the prompts. Raises what the retriever raises (e.g. `on_failure="stop"`).
+    the prompts. Raises ValueError when config.parked_rows is not a multiple of the mesh's
+    row shards, and what the retriever raises (e.g. `on_failure="stop"`).
     """
     rows = [Row(prompt=np.asarray(p, np.int32)) for p in prompt_ids]
     queue = collections.deque(range(len(rows)))
     shards = sampler.mesh.shape["data"] * sampler.mesh.shape["fsdp"]
+    if config.parked_rows % shards:  # else every chip would hold the whole park
+        raise ValueError(f"rollout.parked_rows={config.parked_rows} must be a multiple of the "
+                         f"mesh's {shards} row shards")
     table, park = _Slots.empty(slots), _Slots.empty(config.parked_rows)
     ready: dict[int, list[int]] = {}  # parked row -> the ids of its arrived documents
     pool = concurrent.futures.ThreadPoolExecutor(config.retrieval_threads,
@@ -95,7 +99,9 @@ def rollout(sampler: Sampler, tokenizer: Tokenizer, retriever: Searcher,
                 state = _end_segments(sampler, state, segment, rows, table, searches, config,
                                       tokenizer)
             running = (table.held & ~table.waiting & (status == RUNNING)).any()
-            admits = bool(queue or ready) and not table.held.all()
+            # A slot is free, or a waiting row can leave one to the park.
+            admits = bool(queue or ready) and (not table.held.all() or (
+                parked is not None and (~park.held).any() and table.waiting.any()))
             if (table.held.any() or park.held.any()) and not (running or admits
                                                               or searches.pending):
                 raise RuntimeError("continuous rollout: rows wait for searches none of which "

@@ -1,5 +1,5 @@
 """launch/benchmark.py --suite=rollout, as a smoke test: both schedules on a few of the demo's
-prompts through 4 slots (2 parked rows), against the loopback server adding 50 ms a call (the numbers are
+prompts through 4 slots (8 parked rows: a multiple of the mesh's 8 row shards), against the loopback server adding 50 ms a call (the numbers are
 for the README, not asserted)."""
 import argparse
 import sys
@@ -13,7 +13,7 @@ import bench_rollout  # noqa: E402  pylint: disable=wrong-import-position
 def test_the_rollout_suite_runs_both_schedules_side_by_side(world_model_dir, capsys):
     result = bench_rollout.run(argparse.Namespace(
         world_dir=str(world_model_dir), prompts=2, samples=4, slots=4, decode_steps=16,
-        delays_ms="50", max_len=512, runs=1, parked_rows=2,
+        delays_ms="50", max_len=512, runs=1, parked_rows=8,
         batch_invariant=False))
     out = capsys.readouterr().out
     assert "+  50 ms a call" in out, out

@@ -110,9 +110,11 @@ def _attend_cached_blocks(q, k, v, mask, block: int):
     keys in blocks of `block`, one after another, with an online softmax (FlashAttention,
     arXiv 2205.14135, Algorithm 1). Each block's arithmetic has the same shapes whatever S
     is, and a block past every query's keys adds exact zeros (its probabilities underflow to
-    0 and the running max stays), so a row's result does not depend on how many cache slots
-    the call attends: the sampler's batch-invariant mode needs that, as a softmax over the
-    whole window rounds differently at each window length."""
+    0 and the running max stays), so the result of a query that sees at least one key does
+    not depend on how many cache slots the call attends (a query that sees none averages
+    the whole window; the sampler's rows always see their first token). The sampler's
+    batch-invariant mode needs that: a softmax over the whole window rounds differently at
+    each window length."""
     d = q.shape[-1]
 
     def body(carry, j):

@@ -127,6 +127,12 @@ def attend_bucket(n: int, minimum: int, maximum: int) -> int:
     return size
 
 
+def _whole_blocks(window: int, key_block: int) -> int:
+    """window rounded up to whole key blocks (a three-quarter bucket of a capped one need not
+    be); max_len is a multiple of key_block, so this stays within the buffer."""
+    return -(-window // key_block) * key_block if key_block else window
+
+
 # --- Pure programs ----------------------------------------------------------------------------
 
 def _advance_stops(table, stop_state, tokens):
@@ -593,7 +599,8 @@ class Sampler:
         lengths = np.array([len(r) for r in rows], np.int32)
         cursor = self._fetch(state.cursor)
         reach = int(np.max(np.where(lengths > 0, cursor + lengths, 0)))
-        attend = power_of_two_bucket(reach, self.config.min_attend_bucket, max_len)
+        attend = _whole_blocks(power_of_two_bucket(reach, self.config.min_attend_bucket, max_len),
+                               self.config.key_block)
         picked = np.arange(batch) if slots is None else slots
         tokens = np.zeros((len(picked), chunk), np.int32)
         for i, b in enumerate(picked):
@@ -625,7 +632,8 @@ class Sampler:
             raise ValueError("decode: no row is RUNNING; extend some rows first")
         reach = int(cursor[running].max()) + (self.config.segment_len if steps is None
                                               else min(steps, self.config.segment_len))
-        attend = attend_bucket(reach, self.config.min_attend_bucket, max_len)
+        attend = _whole_blocks(attend_bucket(reach, self.config.min_attend_bucket, max_len),
+                               self.config.key_block)
         if min_stops is not None:
             min_stops = jax.device_put(np.int32(min_stops),
                                        NamedSharding(self.mesh, PartitionSpec()))

@@ -254,6 +254,22 @@ def test_rows_that_fill_the_buffer_are_truncated(hf_models, prompts):
         smp.extend(state, [[1], [2]])
 
 
+def test_batch_invariant_attends_whole_key_blocks_of_any_window(hf_models):
+    """max_len 704 (11 blocks of 64 keys): a row at 510 tokens decodes in a three-quarter
+    window of the capped 704 bucket, 528 slots, which is not whole blocks; it is rounded up
+    to 576, and the greedy tokens are the default sampler's."""
+    model, prompt = load(hf_models, "qwen2"), [[2 + i % (VOCAB - 2) for i in range(510)]]
+    tokens = []
+    for invariant in (False, True):
+        smp = sampling.Sampler(model, sampling.SamplerConfig(
+            max_len=704, segment_len=64, batch_invariant=invariant,
+            select=select.SelectConfig(greedy=True)))
+        state = smp.extend(smp.init(1, NO_EOS, jax.random.key(0)), prompt)
+        state, segment = smp.decode(state, steps=16)
+        tokens.append(smp.new_tokens(state, segment, [0])[0][0].tolist())
+    assert len(tokens[1]) == 16 and tokens[1] == tokens[0]
+
+
 def test_batch_invariant_needs_key_blocks_that_divide_the_buffer():
     assert sampling.SamplerConfig(max_len=768, batch_invariant=True).key_block == 64
     assert sampling.SamplerConfig(max_len=768).key_block == 0
