@@ -12,8 +12,10 @@ import bench_rl_step  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_the_rl_step_suite_times_every_part(world_model_dir, capsys):
+    # A 256-token buffer, not the README's 512: the test's time is mostly compiles, and a
+    # shorter buffer has fewer attend buckets to compile (29 s -> 19 s here); rows still search.
     result = bench_rl_step.run(argparse.Namespace(world_dir=str(world_model_dir), prompts=2,
-                                                  samples=4, max_len=512))
+                                                  samples=4, max_len=256))
     out = capsys.readouterr().out
     for part in ("decode", "retrieval", "extend", "host", "log-probs", "update", "padding"):
         assert f"  {part}" in out, out

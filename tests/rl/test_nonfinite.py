@@ -26,10 +26,9 @@ POISONED = (2,)  # rollout steps (from 1) whose rewards are NaN
 
 def _config(world, workdir):
     config = tiny_run(world, workdir, steps=3)
-    # A short budget compiles fewer shapes; it truncates some answers, so that the policy's
-    # format share is 0.375 before the collapse (0.875 at tiny_run's 512): the format bound is
-    # scaled down with it.
-    config.sampler.update(max_len=256, segment_len=64)
+    # tiny_run's short buffer truncates some answers, so that the policy's format share is
+    # 0.375 before the collapse (0.875 at a 512-token buffer): the format bound is scaled down
+    # with it.
     config.rl.learning_rate = 0.1
     config.train.update(eval_questions=0, export_hf=False, progress=False,
                         max_nonfinite_share=0.5, nonfinite_min_steps=2)

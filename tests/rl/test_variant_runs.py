@@ -24,7 +24,6 @@ RUNS = {
 @pytest.mark.parametrize("name", RUNS)
 def test_two_steps_of_the_demo_config_finish_with_finite_metrics(world_model_dir, tmp_path, name):
     config = tiny_run(world_model_dir, tmp_path, steps=2)
-    config.sampler.update(max_len=256, segment_len=64)
     config.rl.update(**RUNS[name])
     config.train.update(export_hf=False, eval_questions=0, save_every=2)
     result = trainer.train(config)
