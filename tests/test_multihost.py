@@ -43,8 +43,12 @@ def _args(world_dir, workdir, steps=STEPS):
 
 
 def _env(devices: int):
+    # The collective timeouts of conftest.py too: XLA's default 40 s can end a slow step on
+    # 2 busy cores.
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+                         "--xla_cpu_collective_call_terminate_timeout_seconds=600 "
+                         "--xla_cpu_collective_call_warn_stuck_timeout_seconds=120"}
 
 
 def _metrics(workdir):
