@@ -130,6 +130,23 @@ def _block_scores(q, k, lengths, j, block, num_keys):
     return jnp.where(key_pos < num_keys, scores, -jnp.inf), mask, kj
 
 
+def online_softmax_step(carry, scores, values, contraction: str):
+    """One block of keys through an online softmax (FlashAttention, arXiv 2205.14135,
+    Algorithm 1). carry: (running max [...], running sum [...], weighted values [..., D]),
+    all fp32; scores [..., S] fp32, masked; values: the block's, which the einsum
+    `contraction` weights by the probabilities. Returns the new carry. Shared by the
+    blockwise path and the sampler's cached attention in key blocks
+    (decoder.attend_cached)."""
+    running_max, running_sum, acc = carry
+    new_max = jnp.maximum(running_max, scores.max(-1))
+    probs = jnp.exp(scores - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    running_sum = running_sum * rescale + probs.sum(-1)
+    acc = acc * rescale[..., None] + jnp.einsum(
+        contraction, probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return new_max, running_sum, acc
+
+
 def _forward(q, k, v, lengths, block, num_keys):
     """(out [B,K,T,G,D] fp32, running max [B,K,T,G] fp32, log of the running sum [B,K,T,G]).
 
@@ -138,16 +155,9 @@ def _forward(q, k, v, lengths, block, num_keys):
     b, kh, t, g, d = q.shape
 
     def body(carry, j):
-        running_max, running_sum, acc = carry
         scores, _, _ = _block_scores(q, k, lengths, j, block, num_keys)
         vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
-        new_max = jnp.maximum(running_max, scores.max(-1))
-        probs = jnp.exp(scores - new_max[..., None])
-        rescale = jnp.exp(running_max - new_max)
-        running_sum = running_sum * rescale + probs.sum(-1)
-        acc = acc * rescale[..., None] + jnp.einsum(
-            "bktgs,bksd->bktgd", probs.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-        return (new_max, running_sum, acc), None
+        return online_softmax_step(carry, scores, vj, "bktgs,bksd->bktgd"), None
 
     init = (jnp.full((b, kh, t, g), _MASKED, jnp.float32), jnp.zeros((b, kh, t, g), jnp.float32),
             jnp.zeros((b, kh, t, g, d), jnp.float32))

@@ -118,19 +118,12 @@ def _attend_cached_blocks(q, k, v, mask, block: int):
     d = q.shape[-1]
 
     def body(carry, j):
-        running_max, running_sum, acc = carry
         kj = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=3)
         vj = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
         visible = jax.lax.dynamic_slice_in_dim(mask, j * block, block, axis=3)
         scores = jnp.einsum("bkmd,bkds->bkms", q, kj, preferred_element_type=jnp.float32)
         scores = jnp.where(visible, scores / math.sqrt(d), jnp.finfo(jnp.float32).min)
-        new_max = jnp.maximum(running_max, scores.max(-1))
-        probs = jnp.exp(scores - new_max[..., None])
-        rescale = jnp.exp(running_max - new_max)
-        running_sum = running_sum * rescale + probs.sum(-1)
-        acc = acc * rescale[..., None] + jnp.einsum(
-            "bkms,bksd->bkmd", probs.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-        return (new_max, running_sum, acc), None
+        return attention.online_softmax_step(carry, scores, vj, "bkms,bksd->bkmd"), None
 
     shape = q.shape[:3]
     init = (jnp.full(shape, jnp.finfo(jnp.float32).min, jnp.float32),
