@@ -115,7 +115,8 @@ def _preempted_then_resumed(args) -> tuple[int, list[str]]:
 @pytest.fixture(scope="module")
 def runs(world_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
-    single = subprocess.run([sys.executable, *_args(world_model_dir, root / "single")],
+    single = subprocess.run([sys.executable, *_args(world_model_dir, root / "single"),
+                             "--config.rollout.schedule=barrier"],
                             env=_env(4), capture_output=True, text=True, timeout=600, check=False)
     assert single.returncode == 0, single.stderr[-3000:]
     logs = {"every_process": _two_processes(
