@@ -17,27 +17,26 @@ import numpy as np
 from searcher_jax.retrieval.passage import Passage
 
 
+def _encode(value: Any, error: str = "") -> bytes:
+    """Process 0's outcome as JSON: its result (None when it failed) and the error, if any."""
+    return json.dumps({"value": value, "error": error}).encode("utf-8")
+
+
+def _decode(payload: bytes, what: str) -> Any:
+    """The result `_encode` carried; raises RuntimeError naming `what` when process 0 failed."""
+    message = json.loads(payload.decode("utf-8"))
+    if message["error"]:
+        raise RuntimeError(f"{what} on process 0 failed: {message['error']}")
+    return message["value"]
+
+
 def encode_results(results: list[list[Passage]] | None, error: str = "") -> bytes:
     rows = None if results is None else [[dataclasses.asdict(p) for p in row] for row in results]
-    return json.dumps({"results": rows, "error": error}).encode("utf-8")
+    return _encode(rows, error)
 
 
 def decode_results(payload: bytes) -> list[list[Passage]]:
-    message = json.loads(payload.decode("utf-8"))
-    if message["error"]:
-        raise RuntimeError(f"retrieval on process 0 failed: {message['error']}")
-    return [[Passage(**p) for p in row] for row in message["results"]]
-
-
-def _encode_metrics(metrics: dict[str, float] | None, error: str = "") -> bytes:
-    return json.dumps({"metrics": metrics, "error": error}).encode("utf-8")
-
-
-def _decode_metrics(payload: bytes) -> dict[str, float]:
-    message = json.loads(payload.decode("utf-8"))
-    if message["error"]:
-        raise RuntimeError(f"retrieval metrics on process 0 failed: {message['error']}")
-    return message["metrics"]
+    return [[Passage(**p) for p in row] for row in _decode(payload, "retrieval")]
 
 
 def broadcast_bytes(payload: bytes) -> bytes:
@@ -90,8 +89,8 @@ class ProcessZeroRetriever:
         take = None
         if self.process_index == 0:
             take = getattr(self.inner, "take_metrics", dict)
-        return agreed_call(take, self.process_index, self._broadcast, _encode_metrics,
-                           _decode_metrics)
+        return agreed_call(take, self.process_index, self._broadcast, _encode,
+                           lambda payload: _decode(payload, "retrieval metrics"))
 
     def submit(self, pool: concurrent.futures.Executor, queries: Sequence[str],
                k: int) -> concurrent.futures.Future | None:
